@@ -1,0 +1,260 @@
+//! Stage events: "table T reached version V, and here are the rows it added".
+//!
+//! A commit's rows are split over as many messages as `max_payload` requires
+//! (`Medallion-Part: i/n`). Each message's `Nats-Msg-Id` is derived from the
+//! table, version and part, so re-announcing a commit after a crash is
+//! de-duplicated by JetStream. Consumers treat events as a fast path only: the
+//! table is the truth, and any version whose parts are missing, garbled or too
+//! large for the bus is read back from the table.
+
+use std::collections::BTreeMap;
+
+use arrow::array::RecordBatch;
+use arrow::datatypes::SchemaRef;
+use async_nats::HeaderMap;
+use async_nats::jetstream::{self, message::PublishMessage};
+use bytes::Bytes;
+use medallion_spec::TableRef;
+
+use crate::{BusError, codec, headers, trace};
+
+/// Headers and framing take some of `max_payload`; keep this much free.
+const HEADER_ALLOWANCE: usize = 8 * 1024;
+/// At most this many producer trace contexts ride along on an event.
+pub const MAX_LINKS: usize = 64;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Operation {
+    /// Rows were appended.
+    Append,
+    /// The table was rewritten (full refresh): consumers rebuild from it.
+    Overwrite,
+}
+
+impl Operation {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Operation::Append => "append",
+            Operation::Overwrite => "overwrite",
+        }
+    }
+}
+
+/// One committed version to announce.
+pub struct Commit<'a> {
+    pub table: &'a TableRef,
+    pub version: i64,
+    pub operation: Operation,
+    pub schema: SchemaRef,
+    pub batches: &'a [RecordBatch],
+    /// Trace contexts (W3C `traceparent`) of the inputs this commit carries, so
+    /// the next stage can continue each producer's trace.
+    pub links: &'a [String],
+}
+
+/// Publishes the commit's rows and waits for JetStream to store every part.
+/// Returns the number of messages published.
+pub async fn publish_commit(
+    js: &jetstream::Context,
+    commit: Commit<'_>,
+    max_payload: usize,
+) -> Result<usize, BusError> {
+    let subject = commit.table.event_subject();
+    let limit = max_payload.saturating_sub(HEADER_ALLOWANCE).max(1024);
+    let parts = codec::encode_split(&commit.schema, commit.batches, limit)?;
+    let (payloads, in_table) = match parts {
+        Some(p) => (p, false),
+        None => (vec![codec::encode_empty(&commit.schema)?], true),
+    };
+    let n = payloads.len();
+    let mut acks = Vec::with_capacity(n);
+    for (i, payload) in payloads.into_iter().enumerate() {
+        let mut h = HeaderMap::new();
+        h.insert(headers::TABLE, commit.table.sql_name().as_str());
+        h.insert(headers::TABLE_VERSION, commit.version.to_string().as_str());
+        h.insert(headers::PART, format!("{}/{}", i + 1, n).as_str());
+        h.insert(headers::OPERATION, commit.operation.as_str());
+        if in_table {
+            h.insert(headers::PAYLOAD, "table");
+        }
+        if i == 0 && !commit.links.is_empty() {
+            let links: Vec<&str> = commit
+                .links
+                .iter()
+                .take(MAX_LINKS)
+                .map(String::as_str)
+                .collect();
+            h.insert(headers::LINKS, links.join(",").as_str());
+        }
+        trace::inject_current(&mut h);
+        let msg = PublishMessage::build()
+            .payload(Bytes::from(payload))
+            .headers(h)
+            .message_id(format!(
+                "{}@{}#{}",
+                commit.table.path(),
+                commit.version,
+                i + 1
+            ));
+        let ack = js
+            .send_publish(subject.clone(), msg)
+            .await
+            .map_err(|e| BusError::Publish {
+                subject: subject.clone(),
+                message: e.to_string(),
+            })?;
+        acks.push(ack);
+    }
+    for ack in acks {
+        ack.await.map_err(|e| BusError::Publish {
+            subject: subject.clone(),
+            message: e.to_string(),
+        })?;
+    }
+    Ok(n)
+}
+
+/// One received message of a stage event.
+#[derive(Debug, Clone)]
+pub struct EventPart {
+    pub table: TableRef,
+    pub version: i64,
+    pub part: u32,
+    pub parts: u32,
+    pub operation: Operation,
+    pub in_table: bool,
+    pub payload: Bytes,
+    pub traceparent: Option<String>,
+    pub links: Vec<String>,
+}
+
+impl EventPart {
+    pub fn parse(
+        subject: &str,
+        h: Option<&HeaderMap>,
+        payload: Bytes,
+    ) -> Result<EventPart, BusError> {
+        let bad = |m: &str| BusError::MalformedEvent {
+            subject: subject.to_string(),
+            message: m.to_string(),
+        };
+        let h = h.ok_or_else(|| bad("no headers"))?;
+        let get = |name: &str| h.get(name).map(|v| v.as_str().to_string());
+        let table = get(headers::TABLE)
+            .and_then(|t| TableRef::parse(&t))
+            .ok_or_else(|| bad("missing or invalid Medallion-Table"))?;
+        if table.event_subject() != subject {
+            return Err(bad("Medallion-Table does not match the subject"));
+        }
+        let version: i64 = get(headers::TABLE_VERSION)
+            .and_then(|v| v.parse().ok())
+            .filter(|v| *v >= 0)
+            .ok_or_else(|| bad("missing or invalid Medallion-Table-Version"))?;
+        let (part, parts) = get(headers::PART)
+            .and_then(|p| {
+                let (a, b) = p.split_once('/')?;
+                Some((a.parse::<u32>().ok()?, b.parse::<u32>().ok()?))
+            })
+            .filter(|(a, b)| *a >= 1 && a <= b)
+            .ok_or_else(|| bad("missing or invalid Medallion-Part"))?;
+        let operation = match get(headers::OPERATION).as_deref() {
+            Some("overwrite") => Operation::Overwrite,
+            Some("append") | None => Operation::Append,
+            Some(_) => return Err(bad("invalid Medallion-Operation")),
+        };
+        let in_table = get(headers::PAYLOAD).as_deref() == Some("table");
+        let links = get(headers::LINKS)
+            .map(|l| {
+                l.split(',')
+                    .filter(|s| !s.is_empty())
+                    .take(MAX_LINKS)
+                    .map(str::to_string)
+                    .collect()
+            })
+            .unwrap_or_default();
+        Ok(EventPart {
+            table,
+            version,
+            part,
+            parts,
+            operation,
+            in_table,
+            payload,
+            traceparent: get(headers::TRACEPARENT),
+            links,
+        })
+    }
+}
+
+/// A commit put back together from its parts.
+#[derive(Debug, Clone)]
+pub struct AssembledCommit {
+    pub table: TableRef,
+    pub version: i64,
+    pub operation: Operation,
+    /// The rows, or `None` when they must be read from the table (parts
+    /// missing or undecodable, or too large for the bus).
+    pub batches: Option<Vec<RecordBatch>>,
+    pub traceparents: Vec<String>,
+    pub links: Vec<String>,
+}
+
+/// Groups parts by table and version (ascending).
+pub fn assemble(parts: Vec<EventPart>) -> BTreeMap<TableRef, BTreeMap<i64, AssembledCommit>> {
+    let mut grouped: BTreeMap<TableRef, BTreeMap<i64, Vec<EventPart>>> = BTreeMap::new();
+    for p in parts {
+        grouped
+            .entry(p.table.clone())
+            .or_default()
+            .entry(p.version)
+            .or_default()
+            .push(p);
+    }
+    grouped
+        .into_iter()
+        .map(|(table, versions)| {
+            let commits = versions
+                .into_iter()
+                .map(|(version, mut parts)| {
+                    parts.sort_by_key(|p| p.part);
+                    parts.dedup_by_key(|p| p.part);
+                    let c = assemble_one(table.clone(), version, parts);
+                    (version, c)
+                })
+                .collect();
+            (table, commits)
+        })
+        .collect()
+}
+
+fn assemble_one(table: TableRef, version: i64, parts: Vec<EventPart>) -> AssembledCommit {
+    let operation = parts[0].operation;
+    let expected = parts[0].parts as usize;
+    let complete = parts.len() == expected && parts.iter().all(|p| p.parts as usize == expected);
+    let traceparents = parts.iter().filter_map(|p| p.traceparent.clone()).collect();
+    let links = parts.iter().flat_map(|p| p.links.clone()).collect();
+    let batches = if complete && !parts.iter().any(|p| p.in_table) {
+        let mut all = Vec::new();
+        let mut ok = true;
+        for p in &parts {
+            match codec::decode(&p.payload) {
+                Ok((_, b)) => all.extend(b),
+                Err(_) => {
+                    ok = false;
+                    break;
+                }
+            }
+        }
+        ok.then_some(all)
+    } else {
+        None
+    };
+    AssembledCommit {
+        table,
+        version,
+        operation,
+        batches,
+        traceparents,
+        links,
+    }
+}

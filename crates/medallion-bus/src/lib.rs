@@ -1,0 +1,21 @@
+//! The event bus every Medallion service shares: NATS connection settings,
+//! the JetStream streams, Arrow IPC stage events and trace context headers.
+
+pub mod batching;
+pub mod codec;
+pub mod connect;
+mod error;
+pub mod event;
+pub mod headers;
+pub mod streams;
+pub mod trace;
+
+pub use connect::NatsSettings;
+pub use error::BusError;
+pub use event::{AssembledCommit, Commit, EventPart, Operation, assemble, publish_commit};
+pub use streams::{StreamSettings, ensure_streams};
+
+/// The largest message the connected server accepts.
+pub fn max_payload(client: &async_nats::Client) -> usize {
+    client.server_info().max_payload
+}

@@ -1,0 +1,38 @@
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum LakeError {
+    #[error("lake location `{location}`: {message}")]
+    Location { location: String, message: String },
+    #[error("table {table}: {source}")]
+    Delta {
+        table: String,
+        #[source]
+        source: deltalake::DeltaTableError,
+    },
+    #[error("table {table}: the batch does not match the table schema: {message}")]
+    Schema { table: String, message: String },
+    #[error("table {table}: version {version} does not exist (latest is {latest})")]
+    NoSuchVersion {
+        table: String,
+        version: i64,
+        latest: i64,
+    },
+    #[error(transparent)]
+    Arrow(#[from] arrow::error::ArrowError),
+    #[error(transparent)]
+    Parquet(#[from] parquet::errors::ParquetError),
+    #[error(transparent)]
+    ObjectStore(#[from] object_store::Error),
+    #[error(transparent)]
+    DataFusion(#[from] deltalake::datafusion::error::DataFusionError),
+}
+
+impl LakeError {
+    pub fn delta(table: impl ToString, source: deltalake::DeltaTableError) -> Self {
+        LakeError::Delta {
+            table: table.to_string(),
+            source,
+        }
+    }
+}

@@ -1,0 +1,17 @@
+//! The lake: every layer's Delta Lake tables, written with idempotent commits.
+
+pub mod commits;
+mod error;
+mod location;
+mod object_stores;
+pub mod writer;
+
+pub use commits::{CommitRows, open_at, read_all, read_commit, read_parquet};
+pub use error::LakeError;
+pub use location::Lake;
+pub use writer::{
+    CommitOutcome, FileInfo, TableOptions, TableWriter, WriteMode, list_files, open_table,
+    table_schema,
+};
+
+pub use deltalake;

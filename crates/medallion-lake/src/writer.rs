@@ -1,0 +1,377 @@
+//! Idempotent commits.
+//!
+//! Every commit carries a Delta `txn` action `(app_id, version)` where the
+//! version is a position in the writer's input (a stream sequence, or the
+//! source table's version). delta-rs records the action but does not refuse an
+//! old or repeated version, so the writer does: it knows the table's last
+//! transaction version and refuses anything at or below it. Replaying input
+//! after a crash therefore never duplicates rows.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use arrow::array::RecordBatch;
+use arrow::datatypes::{Schema, SchemaRef};
+use deltalake::kernel::engine::arrow_conversion::{TryIntoArrow, TryIntoKernel};
+use deltalake::kernel::transaction::{CommitBuilder, CommitProperties};
+use deltalake::kernel::{Action, Remove, StructType, Transaction};
+use deltalake::parquet::basic::{Compression, ZstdLevel};
+use deltalake::parquet::file::properties::WriterProperties;
+use deltalake::protocol::{DeltaOperation, SaveMode};
+use deltalake::writer::{DeltaWriter, RecordBatchWriter};
+use deltalake::{DeltaTable, DeltaTableBuilder, DeltaTableError};
+use futures::TryStreamExt;
+use medallion_spec::TableRef;
+
+use crate::{Lake, LakeError};
+
+/// How a commit changes the table.
+#[derive(Debug, Clone)]
+pub enum WriteMode {
+    /// Add the rows.
+    Append,
+    /// Replace every row (a full refresh); history keeps the old versions.
+    Overwrite,
+    /// Add the rows and remove these files, in one commit (Gold rewrites the
+    /// files of the groups a batch touched).
+    Replace(Vec<Remove>),
+}
+
+/// What happened to a commit request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CommitOutcome {
+    /// Committed as this table version.
+    Committed(i64),
+    /// Refused: the table already holds input up to this transaction version.
+    AlreadyCommitted(i64),
+}
+
+/// Options set on new tables.
+#[derive(Debug, Clone, Default)]
+pub struct TableOptions {
+    pub description: Option<String>,
+    /// Bronze is append-only: Delta refuses any commit that removes data.
+    pub append_only: bool,
+    pub partition_columns: Vec<String>,
+}
+
+/// Writes one table, remembering its transaction version for `app_id`.
+pub struct TableWriter {
+    tref: TableRef,
+    table: DeltaTable,
+    schema: SchemaRef,
+    app_id: String,
+    txn: Option<i64>,
+    properties: WriterProperties,
+}
+
+impl std::fmt::Debug for TableWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TableWriter")
+            .field("table", &self.tref.sql_name())
+            .field("app_id", &self.app_id)
+            .field("txn", &self.txn)
+            .finish()
+    }
+}
+
+pub(crate) fn writer_properties() -> WriterProperties {
+    WriterProperties::builder()
+        .set_compression(Compression::ZSTD(
+            ZstdLevel::try_new(1).expect("zstd level 1 is valid"),
+        ))
+        .set_max_row_group_row_count(Some(128 * 1024))
+        .build()
+}
+
+/// Opens a table, or `None` when nothing has been committed there yet.
+pub async fn open_table(lake: &Lake, tref: &TableRef) -> Result<Option<DeltaTable>, LakeError> {
+    let mut table = match DeltaTableBuilder::from_url(lake.table_url(tref))
+        .map_err(|e| LakeError::delta(tref, e))?
+        .with_storage_options(lake.storage_options().clone())
+        .build()
+    {
+        Ok(t) => t,
+        Err(e) if is_missing(&e) => return Ok(None),
+        Err(e) => return Err(LakeError::delta(tref, e)),
+    };
+    match table.load().await {
+        Ok(()) => Ok(Some(table)),
+        Err(e) if is_missing(&e) => Ok(None),
+        Err(e) => Err(LakeError::delta(tref, e)),
+    }
+}
+
+/// "No table here yet": delta-rs reports it as `NotATable`, or (for a local
+/// directory that does not exist) as the kernel's invalid-location error,
+/// whose type is not re-exported, hence the match on its message.
+fn is_missing(e: &DeltaTableError) -> bool {
+    match e {
+        DeltaTableError::NotATable(_) => true,
+        DeltaTableError::KernelError(k) => k.to_string().starts_with("Invalid table location"),
+        _ => false,
+    }
+}
+
+/// The Arrow schema of a loaded table.
+pub fn table_schema(tref: &TableRef, table: &DeltaTable) -> Result<SchemaRef, LakeError> {
+    let snapshot = table.snapshot().map_err(|e| LakeError::delta(tref, e))?;
+    let kernel = snapshot.schema();
+    let arrow: Schema = kernel
+        .as_ref()
+        .try_into_arrow()
+        .map_err(|e| LakeError::Schema {
+            table: tref.to_string(),
+            message: e.to_string(),
+        })?;
+    Ok(Arc::new(arrow))
+}
+
+impl TableWriter {
+    /// Opens the table, creating it with `schema` if it does not exist yet.
+    pub async fn open_or_create(
+        lake: &Lake,
+        tref: &TableRef,
+        schema: SchemaRef,
+        app_id: impl Into<String>,
+        options: &TableOptions,
+    ) -> Result<TableWriter, LakeError> {
+        let table = match open_table(lake, tref).await? {
+            Some(t) => t,
+            None => create_table(lake, tref, &schema, options).await?,
+        };
+        Self::from_table(tref.clone(), table, app_id.into()).await
+    }
+
+    /// Opens an existing table; `None` if it was never created.
+    pub async fn open(
+        lake: &Lake,
+        tref: &TableRef,
+        app_id: impl Into<String>,
+    ) -> Result<Option<TableWriter>, LakeError> {
+        match open_table(lake, tref).await? {
+            Some(t) => Ok(Some(
+                Self::from_table(tref.clone(), t, app_id.into()).await?,
+            )),
+            None => Ok(None),
+        }
+    }
+
+    async fn from_table(
+        tref: TableRef,
+        table: DeltaTable,
+        app_id: String,
+    ) -> Result<TableWriter, LakeError> {
+        let schema = table_schema(&tref, &table)?;
+        let mut w = TableWriter {
+            tref,
+            table,
+            schema,
+            app_id,
+            txn: None,
+            properties: writer_properties(),
+        };
+        w.txn = w.read_txn().await?;
+        Ok(w)
+    }
+
+    async fn read_txn(&self) -> Result<Option<i64>, LakeError> {
+        let snapshot = self
+            .table
+            .snapshot()
+            .map_err(|e| LakeError::delta(&self.tref, e))?;
+        snapshot
+            .transaction_version(self.table.log_store().as_ref(), &self.app_id)
+            .await
+            .map_err(|e| LakeError::delta(&self.tref, e))
+    }
+
+    pub fn table_ref(&self) -> &TableRef {
+        &self.tref
+    }
+
+    pub fn table(&self) -> &DeltaTable {
+        &self.table
+    }
+
+    /// The table's Arrow schema: batches must match it.
+    pub fn schema(&self) -> &SchemaRef {
+        &self.schema
+    }
+
+    /// The last transaction version committed for this writer's app id.
+    pub fn txn_version(&self) -> Option<i64> {
+        self.txn
+    }
+
+    /// The table's current Delta version.
+    pub fn version(&self) -> i64 {
+        self.table.version().map(|v| v as i64).unwrap_or(-1)
+    }
+
+    pub fn app_id(&self) -> &str {
+        &self.app_id
+    }
+
+    /// Reloads the table and the transaction version from storage: after a
+    /// failed commit the outcome is unknown (the log entry may have landed).
+    pub async fn refresh(&mut self) -> Result<(), LakeError> {
+        self.table
+            .update_state()
+            .await
+            .map_err(|e| LakeError::delta(&self.tref, e))?;
+        self.schema = table_schema(&self.tref, &self.table)?;
+        self.txn = self.read_txn().await?;
+        Ok(())
+    }
+
+    /// Active data files (relative paths).
+    pub async fn files(&self) -> Result<Vec<FileInfo>, LakeError> {
+        list_files(&self.tref, &self.table).await
+    }
+
+    /// Commits `batches` tagged with transaction version `txn`, unless the
+    /// table already has `txn` or a later one.
+    pub async fn commit(
+        &mut self,
+        batches: &[RecordBatch],
+        txn: i64,
+        mode: WriteMode,
+        metadata: &[(&str, serde_json::Value)],
+    ) -> Result<CommitOutcome, LakeError> {
+        if let Some(done) = self.txn
+            && txn <= done
+        {
+            return Ok(CommitOutcome::AlreadyCommitted(done));
+        }
+        let result = self.try_commit(batches, txn, mode, metadata).await;
+        if result.is_err() {
+            // The log entry may or may not have been written; learn which before
+            // the caller retries, so a retry can never commit twice.
+            let _ = self.refresh().await;
+        }
+        result
+    }
+
+    async fn try_commit(
+        &mut self,
+        batches: &[RecordBatch],
+        txn: i64,
+        mode: WriteMode,
+        metadata: &[(&str, serde_json::Value)],
+    ) -> Result<CommitOutcome, LakeError> {
+        let tref = self.tref.clone();
+        let delta = |e| LakeError::delta(&tref, e);
+        let mut writer = RecordBatchWriter::for_table(&self.table)
+            .map_err(delta)?
+            .with_writer_properties(self.properties.clone());
+        for b in batches.iter().filter(|b| b.num_rows() > 0) {
+            writer.write(b.clone()).await.map_err(delta)?;
+        }
+        let mut actions: Vec<Action> = writer
+            .flush()
+            .await
+            .map_err(delta)?
+            .into_iter()
+            .map(Action::Add)
+            .collect();
+        let save_mode = match mode {
+            WriteMode::Append => SaveMode::Append,
+            WriteMode::Overwrite => {
+                for f in list_files(&self.tref, &self.table).await? {
+                    actions.push(Action::Remove(f.remove));
+                }
+                SaveMode::Overwrite
+            }
+            WriteMode::Replace(removes) => {
+                actions.extend(removes.into_iter().map(Action::Remove));
+                SaveMode::Append
+            }
+        };
+        let snapshot = self.table.snapshot().map_err(delta)?;
+        let partition_by = {
+            let cols: Vec<String> = snapshot.metadata().partition_columns().to_vec();
+            (!cols.is_empty()).then_some(cols)
+        };
+        let operation = DeltaOperation::Write {
+            mode: save_mode,
+            partition_by,
+            predicate: None,
+        };
+        let mut app_metadata: HashMap<String, serde_json::Value> = HashMap::new();
+        app_metadata.insert("medallion.app".into(), self.app_id.clone().into());
+        app_metadata.insert("medallion.txn".into(), txn.into());
+        for (k, v) in metadata {
+            app_metadata.insert((*k).into(), v.clone());
+        }
+        let properties = CommitProperties::default()
+            .with_application_transaction(Transaction::new(&self.app_id, txn))
+            .with_metadata(app_metadata);
+        let finalized = CommitBuilder::from(properties)
+            .with_actions(actions)
+            .build(Some(snapshot), self.table.log_store(), operation)
+            .await
+            .map_err(delta)?;
+        let version = finalized.version();
+        self.table.state = Some(finalized.snapshot());
+        self.txn = Some(txn);
+        Ok(CommitOutcome::Committed(version as i64))
+    }
+}
+
+/// One active data file of a table.
+#[derive(Debug, Clone)]
+pub struct FileInfo {
+    pub path: String,
+    pub size: i64,
+    pub num_records: Option<usize>,
+    pub remove: Remove,
+}
+
+pub async fn list_files(tref: &TableRef, table: &DeltaTable) -> Result<Vec<FileInfo>, LakeError> {
+    let snapshot = table.snapshot().map_err(|e| LakeError::delta(tref, e))?;
+    snapshot
+        .snapshot()
+        .file_views(table.log_store().as_ref(), None)
+        .map_ok(|f| FileInfo {
+            path: f.path().to_string(),
+            size: f.size(),
+            num_records: f.num_records(),
+            remove: f.remove_action(true),
+        })
+        .try_collect()
+        .await
+        .map_err(|e| LakeError::delta(tref, e))
+}
+
+async fn create_table(
+    lake: &Lake,
+    tref: &TableRef,
+    schema: &SchemaRef,
+    options: &TableOptions,
+) -> Result<DeltaTable, LakeError> {
+    let kernel: StructType = schema
+        .as_ref()
+        .try_into_kernel()
+        .map_err(|e| LakeError::Schema {
+            table: tref.to_string(),
+            message: e.to_string(),
+        })?;
+    let mut config: HashMap<String, Option<String>> = HashMap::new();
+    if options.append_only {
+        config.insert("delta.appendOnly".into(), Some("true".into()));
+    }
+    let mut builder = deltalake::operations::create::CreateBuilder::new()
+        .with_location(lake.table_url(tref).to_string())
+        .with_storage_options(lake.storage_options().clone())
+        .with_table_name(tref.sql_name())
+        .with_columns(kernel.fields().cloned())
+        .with_partition_columns(options.partition_columns.clone())
+        .with_configuration(config)
+        // Another writer creating the same table at the same moment is fine.
+        .with_save_mode(SaveMode::Ignore);
+    if let Some(d) = &options.description {
+        builder = builder.with_comment(d.clone());
+    }
+    builder.await.map_err(|e| LakeError::delta(tref, e))
+}

