@@ -4,6 +4,7 @@
 pub mod batching;
 pub mod codec;
 pub mod connect;
+pub mod consumer;
 mod error;
 pub mod event;
 pub mod headers;

@@ -37,6 +37,7 @@ vars! {
     "MEDALLION_BATCH_WAIT", Some("250ms"), "ingest,transform,aggregate", "Longest wait to fill a micro-batch";
     "MEDALLION_ACK_WAIT", Some("60s"), "ingest,transform,aggregate", "JetStream ack wait before redelivery";
     "MEDALLION_MAX_DELIVER", Some("5"), "transform,aggregate", "Deliveries before a message is dead-lettered";
+    "MEDALLION_RELOAD_INTERVAL", Some("2s"), "transform,aggregate", "How often specs are re-read and upstream tables checked for unannounced versions";
     "MEDALLION_DEDUPE_WINDOW", Some("2m"), "ingest", "How long JetStream remembers a Nats-Msg-Id";
     "MEDALLION_EVENT_MAX_AGE", Some("24h"), "ingest", "Retention of stage events (consumers fall back to tables)";
     "MEDALLION_INGEST_MAX_BYTES", Some("-1"), "ingest", "Ingest stream size limit; publishers are refused when full (-1: none)";

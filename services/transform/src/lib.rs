@@ -1,0 +1,33 @@
+//! `medallion-transform`: Bronze → Silver, enforcing each product's contract.
+//!
+//! For every product with a spec in `MEDALLION_PRODUCTS`, each Bronze version
+//! is decoded by `source.format` with arrow's JSON/CSV decoders, typed,
+//! standardized, PII-masked, derived, checked against the expectations and
+//! de-duplicated on the key; rows that fail go to `<product>__quarantine`
+//! with the raw record and every reason.
+//!
+//! # Effectively once
+//!
+//! Silver and quarantine commits carry a Delta `txn` whose version is
+//! `generation << 40 | last Bronze version`; the cursor lives in the table, so
+//! a restart resumes exactly after the last committed Bronze version.
+//! Quarantine is committed first and skipped on a retry (same `txn`), Silver
+//! second. Bronze events are a fast path for the rows: any version not
+//! announced (lost event, crash, retention) is read from the Bronze table by
+//! the reconcile tick.
+
+pub mod cleanse;
+pub mod config;
+pub mod decode;
+pub mod dedupe;
+pub mod pipeline;
+pub mod products;
+mod service;
+
+pub use config::TransformConfig;
+pub use service::run;
+
+/// Durable consumer name and Delta transaction app id.
+pub const APP_ID: &str = "medallion-transform";
+/// Request subject of `medallion replay <domain>.<product>` (payload: the product).
+pub const REPLAY_SUBJECT: &str = "medallion.control.replay";

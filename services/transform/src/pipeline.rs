@@ -1,0 +1,437 @@
+//! One Bronze commit → Silver rows + quarantine rows + quality counts. Pure:
+//! no IO, so golden tests run it directly.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+
+use arrow::array::{
+    Array, ArrayRef, AsArray, BinaryBuilder, BooleanArray, Int64Array, ListBuilder, RecordBatch,
+    StringBuilder, TimestampMicrosecondArray,
+};
+use arrow::compute::{filter, filter_record_batch};
+use arrow::datatypes::{Int64Type, TimestampMicrosecondType};
+use medallion_spec::layout::{bronze, quarantine_schema};
+use medallion_spec::{Contract, ExpectationAction};
+use serde::{Deserialize, Serialize};
+
+use crate::cleanse::{cast_column, check_required, mask_pii, standardize};
+use crate::decode::{decode, raw_schema, split_records};
+use crate::dedupe::{KeySet, key_hashes};
+
+/// Per-batch quality counts, published on `medallion.quality.<domain>.<product>`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct QualityCounts {
+    /// Records read from Bronze (lines for ndjson/csv, messages for json).
+    pub rows_in: u64,
+    pub rows_out: u64,
+    pub quarantined: u64,
+    pub dropped: u64,
+    pub duplicates: u64,
+    /// Records that could not be parsed or typed.
+    pub invalid: u64,
+    pub expectations: BTreeMap<String, ExpectationCount>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ExpectationCount {
+    pub action: String,
+    pub passed: u64,
+    pub failed: u64,
+}
+
+impl QualityCounts {
+    pub fn add(&mut self, o: &QualityCounts) {
+        self.rows_in += o.rows_in;
+        self.rows_out += o.rows_out;
+        self.quarantined += o.quarantined;
+        self.dropped += o.dropped;
+        self.duplicates += o.duplicates;
+        self.invalid += o.invalid;
+        for (k, v) in &o.expectations {
+            let e = self.expectations.entry(k.clone()).or_default();
+            e.action = v.action.clone();
+            e.passed += v.passed;
+            e.failed += v.failed;
+        }
+    }
+}
+
+/// A `fail` expectation was violated: the product stops before this batch.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Halt {
+    pub expectation: String,
+    pub rule: String,
+    pub rows: u64,
+    pub first_bronze_seq: i64,
+}
+
+impl std::fmt::Display for Halt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "expectation `{}` ({}) has action fail and {} row(s) violate it, first at bronze stream_seq {}; \
+             fix the data or the spec, then the product resumes from this batch",
+            self.expectation, self.rule, self.rows, self.first_bronze_seq
+        )
+    }
+}
+
+pub struct Output {
+    pub silver: RecordBatch,
+    pub quarantine: RecordBatch,
+    pub counts: QualityCounts,
+    /// Keys of the Silver rows: added to the key set once the commit lands.
+    pub new_keys: Vec<u128>,
+}
+
+/// Transforms the rows of Bronze version `bronze_version`. `seen` holds keys of
+/// Silver rows already committed; `pending` those of earlier batches of the
+/// same (not yet committed) Silver commit.
+pub fn transform(
+    contract: &Contract,
+    pii_key: Option<&[u8]>,
+    bronze_batch: &RecordBatch,
+    bronze_version: i64,
+    seen: &KeySet,
+    pending: &HashSet<u128>,
+    now_us: i64,
+) -> Result<Output, Halt> {
+    let spec = &contract.product.spec;
+    let payloads = bronze_batch
+        .column_by_name(bronze::PAYLOAD)
+        .expect("bronze payload column")
+        .as_binary::<i32>();
+    let seqs = bronze_batch
+        .column_by_name(bronze::STREAM_SEQ)
+        .expect("bronze stream_seq column")
+        .as_primitive::<Int64Type>();
+    let received = bronze_batch
+        .column_by_name(bronze::RECEIVED_AT)
+        .expect("bronze received_at column")
+        .as_primitive::<TimestampMicrosecondType>();
+
+    let records = split_records(spec.source.format, payloads);
+    let decoded = decode(
+        spec.source.format,
+        &raw_schema(&contract.declared_schema),
+        &records,
+    );
+    let mut quarantine = QuarantineRows::new(now_us, bronze_version);
+    let mut counts = QualityCounts {
+        rows_in: records.len() as u64,
+        ..Default::default()
+    };
+    for (i, reason) in &decoded.errors {
+        let r = &records[*i];
+        quarantine.push(r.bytes, seqs.value(r.row), r.line, &[reason.clone()], &[]);
+    }
+    counts.invalid += decoded.errors.len() as u64;
+
+    // Type every column; collect per-row errors.
+    let n = decoded.batch.num_rows();
+    let mut row_errors: Vec<Vec<String>> = vec![Vec::new(); n];
+    let mut typed: Vec<ArrayRef> = Vec::with_capacity(spec.schema.len());
+    for (ci, column) in spec.schema.iter().enumerate() {
+        let raw = decoded.batch.column(ci).as_string::<i32>();
+        let values = cast_column(&standardize(raw, column), column, &mut row_errors);
+        check_required(&values, column, &mut row_errors);
+        typed.push(mask_pii(values, column, pii_key));
+    }
+    let mut valid: Vec<bool> = row_errors.iter().map(Vec::is_empty).collect();
+    for (j, errs) in row_errors.iter().enumerate() {
+        if !errs.is_empty() {
+            let r = &records[decoded.ok[j]];
+            quarantine.push(r.bytes, seqs.value(r.row), r.line, errs, &[]);
+            counts.invalid += 1;
+        }
+    }
+
+    // Derive, column by column, over the rows that typed cleanly.
+    let mut keep_idx: Vec<usize> = (0..n).filter(|j| valid[*j]).collect();
+    let mask = BooleanArray::from(valid.clone());
+    let mut columns: Vec<ArrayRef> = typed
+        .iter()
+        .map(|c| filter(c, &mask).expect("same length"))
+        .collect();
+    let mut fields: Vec<_> = contract.declared_schema.fields().iter().cloned().collect();
+    for d in &contract.derive {
+        let schema = Arc::new(arrow::datatypes::Schema::new(fields.clone()));
+        let batch = RecordBatch::try_new(schema, columns.clone()).expect("declared columns match");
+        let (values, failed) = evaluate_rowwise_on_error(&d.expr, &batch, &d.data_type);
+        if !failed.is_empty() {
+            // Rows where the expression errors (e.g. an overflow) are quarantined.
+            let mut drop = vec![true; batch.num_rows()];
+            for (row, msg) in &failed {
+                drop[*row] = false;
+                let j = keep_idx[*row];
+                let r = &records[decoded.ok[j]];
+                quarantine.push(
+                    r.bytes,
+                    seqs.value(r.row),
+                    r.line,
+                    &[format!("derive {}: {msg}", d.name)],
+                    &[],
+                );
+                counts.invalid += 1;
+                valid[j] = false;
+            }
+            let m = BooleanArray::from(drop);
+            columns = columns
+                .iter()
+                .map(|c| filter(c, &m).expect("same length"))
+                .collect();
+            keep_idx = keep_idx
+                .iter()
+                .zip(m.values().iter())
+                .filter(|(_, k)| *k)
+                .map(|(i, _)| *i)
+                .collect();
+            columns.push(filter(&values, &m).expect("same length"));
+        } else {
+            columns.push(values);
+        }
+        fields.push(Arc::new(arrow::datatypes::Field::new(
+            &d.name,
+            d.data_type.clone(),
+            true,
+        )));
+    }
+    let logical = RecordBatch::try_new(contract.logical_schema.clone(), columns)
+        .expect("logical schema matches");
+
+    // Expectations: NULL counts as a failure (SQL's unknown is not a pass).
+    let m = logical.num_rows();
+    let mut failed_by_row: Vec<Vec<(usize, ExpectationAction)>> = vec![Vec::new(); m];
+    for (ei, e) in contract.expectations.iter().enumerate() {
+        let result = e
+            .expr
+            .evaluate(&logical)
+            .and_then(|v| v.into_array(m))
+            .map(|a| a.as_boolean().clone());
+        let entry = counts.expectations.entry(e.name.clone()).or_default();
+        entry.action = e.action.to_string();
+        for (row, failed) in failed_by_row.iter_mut().enumerate() {
+            let pass = match &result {
+                Ok(b) => b.is_valid(row) && b.value(row),
+                Err(_) => false,
+            };
+            if pass {
+                entry.passed += 1;
+            } else {
+                entry.failed += 1;
+                failed.push((ei, e.action));
+            }
+        }
+    }
+    if let Some((ei, rows, first)) =
+        first_fail(&failed_by_row, &keep_idx, &decoded.ok, &records, seqs)
+    {
+        let e = &contract.expectations[ei];
+        return Err(Halt {
+            expectation: e.name.clone(),
+            rule: e.rule.clone(),
+            rows,
+            first_bronze_seq: first,
+        });
+    }
+
+    // Route rows, then de-duplicate what is left (first occurrence wins).
+    let key_cols: Vec<ArrayRef> = contract
+        .key()
+        .iter()
+        .map(|k| {
+            logical
+                .column_by_name(k)
+                .expect("key columns are declared")
+                .clone()
+        })
+        .collect();
+    let hashes = if key_cols.is_empty() {
+        Vec::new()
+    } else {
+        key_hashes(&key_cols).expect("row encoding of supported types")
+    };
+    let mut batch_keys: HashSet<u128> = HashSet::new();
+    let mut keep = vec![false; m];
+    let mut new_keys = Vec::new();
+    for row in 0..m {
+        let failed = &failed_by_row[row];
+        let r = &records[decoded.ok[keep_idx[row]]];
+        if failed
+            .iter()
+            .any(|(_, a)| *a == ExpectationAction::Quarantine)
+        {
+            let names: Vec<String> = failed
+                .iter()
+                .map(|(ei, _)| contract.expectations[*ei].name.clone())
+                .collect();
+            quarantine.push(r.bytes, seqs.value(r.row), r.line, &[], &names);
+            continue;
+        }
+        if failed.iter().any(|(_, a)| *a == ExpectationAction::Drop) {
+            counts.dropped += 1;
+            continue;
+        }
+        if let Some(&h) = hashes.get(row) {
+            if seen.contains(h) || pending.contains(&h) || !batch_keys.insert(h) {
+                counts.duplicates += 1;
+                continue;
+            }
+            new_keys.push(h);
+        }
+        keep[row] = true;
+    }
+    let keep_mask = BooleanArray::from(keep.clone());
+    let kept = filter_record_batch(&logical, &keep_mask).expect("same length");
+    let origin: Vec<usize> = (0..m)
+        .filter(|r| keep[*r])
+        .map(|r| records[decoded.ok[keep_idx[r]]].row)
+        .collect();
+    let mut silver_cols = kept.columns().to_vec();
+    silver_cols.push(Arc::new(Int64Array::from_iter_values(
+        origin.iter().map(|r| seqs.value(*r)),
+    )));
+    silver_cols.push(Arc::new(
+        TimestampMicrosecondArray::from_iter_values(origin.iter().map(|r| received.value(*r)))
+            .with_timezone("UTC"),
+    ));
+    let silver = RecordBatch::try_new(contract.silver_schema.clone(), silver_cols)
+        .expect("silver schema matches");
+    counts.rows_out = silver.num_rows() as u64;
+    counts.quarantined = quarantine.len() as u64;
+    Ok(Output {
+        silver,
+        quarantine: quarantine.finish(),
+        counts,
+        new_keys,
+    })
+}
+
+/// `(expectation index, violating rows, first bronze seq)` of the first `fail` violation.
+fn first_fail(
+    failed_by_row: &[Vec<(usize, ExpectationAction)>],
+    keep_idx: &[usize],
+    ok: &[usize],
+    records: &[crate::decode::Record<'_>],
+    seqs: &arrow::array::Int64Array,
+) -> Option<(usize, u64, i64)> {
+    let mut first: Option<(usize, i64)> = None;
+    let mut rows = 0;
+    for (row, failed) in failed_by_row.iter().enumerate() {
+        if let Some((ei, _)) = failed.iter().find(|(_, a)| *a == ExpectationAction::Fail) {
+            rows += 1;
+            if first.is_none() {
+                first = Some((*ei, seqs.value(records[ok[keep_idx[row]]].row)));
+            }
+        }
+    }
+    first.map(|(ei, seq)| (ei, rows, seq))
+}
+
+/// Evaluates `expr`; if it errors on the batch, evaluates row by row so only
+/// the offending rows are reported. Returns the values and `(row, error)`s.
+fn evaluate_rowwise_on_error(
+    expr: &Arc<dyn datafusion::physical_expr::PhysicalExpr>,
+    batch: &RecordBatch,
+    data_type: &arrow::datatypes::DataType,
+) -> (ArrayRef, Vec<(usize, String)>) {
+    let n = batch.num_rows();
+    let eval = |b: &RecordBatch| -> Result<ArrayRef, String> {
+        let a = expr
+            .evaluate(b)
+            .and_then(|v| v.into_array(b.num_rows()))
+            .map_err(|e| medallion_spec::contract::clean_df_error(&e.to_string()))?;
+        if a.data_type() == data_type {
+            Ok(a)
+        } else {
+            arrow::compute::cast(&a, data_type).map_err(|e| e.to_string())
+        }
+    };
+    if let Ok(a) = eval(batch) {
+        return (a, Vec::new());
+    }
+    let mut parts = Vec::with_capacity(n);
+    let mut failed = Vec::new();
+    for row in 0..n {
+        match eval(&batch.slice(row, 1)) {
+            Ok(a) => parts.push(a),
+            Err(e) => {
+                failed.push((row, e));
+                parts.push(arrow::array::new_null_array(data_type, 1));
+            }
+        }
+    }
+    let refs: Vec<&dyn Array> = parts.iter().map(|a| a.as_ref()).collect();
+    let values = if refs.is_empty() {
+        arrow::array::new_empty_array(data_type)
+    } else {
+        arrow::compute::concat(&refs).expect("same type")
+    };
+    (values, failed)
+}
+
+struct QuarantineRows {
+    payload: BinaryBuilder,
+    seq: Vec<i64>,
+    line: Vec<i64>,
+    errors: ListBuilder<StringBuilder>,
+    failed: ListBuilder<StringBuilder>,
+    now_us: i64,
+    version: i64,
+}
+
+impl QuarantineRows {
+    fn new(now_us: i64, version: i64) -> Self {
+        let list = || {
+            ListBuilder::new(StringBuilder::new()).with_field(Arc::new(
+                arrow::datatypes::Field::new("element", arrow::datatypes::DataType::Utf8, true),
+            ))
+        };
+        QuarantineRows {
+            payload: BinaryBuilder::new(),
+            seq: Vec::new(),
+            line: Vec::new(),
+            errors: list(),
+            failed: list(),
+            now_us,
+            version,
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.seq.len()
+    }
+
+    fn push(&mut self, payload: &[u8], seq: i64, line: i64, errors: &[String], failed: &[String]) {
+        self.payload.append_value(payload);
+        self.seq.push(seq);
+        self.line.push(line);
+        for e in errors {
+            self.errors.values().append_value(e);
+        }
+        self.errors.append(true);
+        for f in failed {
+            self.failed.values().append_value(f);
+        }
+        self.failed.append(true);
+    }
+
+    fn finish(mut self) -> RecordBatch {
+        let n = self.seq.len();
+        RecordBatch::try_new(
+            quarantine_schema(),
+            vec![
+                Arc::new(self.payload.finish()),
+                Arc::new(Int64Array::from(self.seq)),
+                Arc::new(Int64Array::from(self.line)),
+                Arc::new(Int64Array::from(vec![self.version; n])),
+                Arc::new(self.errors.finish()),
+                Arc::new(self.failed.finish()),
+                Arc::new(
+                    TimestampMicrosecondArray::from(vec![self.now_us; n]).with_timezone("UTC"),
+                ),
+            ],
+        )
+        .expect("quarantine schema matches")
+    }
+}

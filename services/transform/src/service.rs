@@ -1,0 +1,788 @@
+//! The transform loop: Bronze events (or the Bronze table) → Silver + quarantine.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context as _;
+use arrow::array::RecordBatch;
+use async_nats::jetstream;
+use futures::StreamExt;
+use medallion_bus::batching::{Batch, next_batch};
+use medallion_bus::streams::BRONZE_STREAM;
+use medallion_bus::{Commit, EventPart, Operation, publish_commit};
+use medallion_lake::{CommitOutcome, Lake, TableOptions, TableWriter, WriteMode, read_commit};
+use medallion_runtime::metrics::PipelineMetrics;
+use medallion_runtime::{Runtime, failpoint};
+use medallion_spec::layout::quarantine_schema;
+use medallion_spec::{Contract, TableRef};
+use tracing::{Instrument, error, info, info_span, warn};
+
+use crate::dedupe::KeySet;
+use crate::pipeline::{QualityCounts, transform};
+use crate::products::{ProductId, Products};
+use crate::{APP_ID, REPLAY_SUBJECT, TransformConfig};
+
+const LAYER: &str = "silver";
+/// Transaction versions are `generation << 40 | bronze version`: a replay
+/// bumps the generation, so its commits are newer than anything before it.
+const GEN_SHIFT: u32 = 40;
+const VERSION_MASK: i64 = (1 << GEN_SHIFT) - 1;
+const SNAPSHOT_EVERY: u32 = 16;
+
+pub async fn run(config: TransformConfig, rt: Runtime) -> anyhow::Result<()> {
+    let lake = config
+        .lake
+        .clone()
+        .context("MEDALLION_LAKE is not usable")?;
+    lake.check_writable().await?;
+    let client = config.nats.connect().await?;
+    let js = jetstream::new(client.clone());
+    medallion_bus::ensure_streams(&js, &config.streams)
+        .await
+        .context("declaring the JetStream streams")?;
+    let metrics = PipelineMetrics::register(&rt.registry)?;
+    let addr = rt.serve_http(config.addr, axum::Router::new()).await?;
+    info!(%addr, lake = %lake.root(), products = %config.products.display(), "transform started");
+
+    let consumer = medallion_bus::consumer::stage_consumer(
+        &js,
+        BRONZE_STREAM,
+        APP_ID,
+        "medallion.bronze.>",
+        config.ack_wait,
+    )
+    .await
+    .context("creating the bronze consumer")?;
+    let mut messages = consumer.messages().await.context("pulling bronze events")?;
+    let mut replays = client
+        .subscribe(REPLAY_SUBJECT)
+        .await
+        .context("subscribing to replay requests")?;
+    let mut t = Transform {
+        lake,
+        js,
+        client: client.clone(),
+        products: Products::new(config.products.clone()),
+        states: HashMap::new(),
+        metrics,
+        rt: rt.clone(),
+        pii_key: config.pii_key.clone(),
+        max_rows: config.batch.messages,
+    };
+    t.reload().await;
+    rt.health.set_started();
+    let mut tick = tokio::time::interval(config.reload_interval);
+    loop {
+        tokio::select! {
+            _ = rt.shutdown.cancelled() => break,
+            _ = tick.tick() => {
+                t.reload().await;
+                t.catch_up_all().await;
+            }
+            Some(req) = replays.next() => {
+                let answer = t.replay(String::from_utf8_lossy(&req.payload).trim()).await;
+                if let Some(reply) = req.reply {
+                    let _ = client.publish(reply, answer.into()).await;
+                }
+            }
+            batch = next_batch(&mut messages, config.batch, &rt.shutdown) => match batch {
+                Batch::Shutdown => break,
+                Batch::Messages(msgs) => t.on_events(msgs).await,
+                Batch::Broken(msgs, e) => {
+                    warn!(error = %e, "bronze event stream interrupted; re-subscribing");
+                    t.on_events(msgs).await;
+                    match consumer.messages().await {
+                        Ok(m) => messages = m,
+                        Err(e) => {
+                            t.rt.health.set_problem("nats", format!("cannot pull bronze events: {e}"));
+                            tokio::time::sleep(Duration::from_secs(1)).await;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    info!("transform stopping: snapshotting dedupe state and flushing NATS");
+    for s in t.states.values_mut() {
+        s.snapshot().await;
+    }
+    let _ = client.flush().await;
+    Ok(())
+}
+
+struct Transform {
+    lake: Lake,
+    js: jetstream::Context,
+    client: async_nats::Client,
+    products: Products,
+    states: HashMap<ProductId, ProductState>,
+    metrics: PipelineMetrics,
+    rt: Runtime,
+    pii_key: Option<Vec<u8>>,
+    max_rows: usize,
+}
+
+struct ProductState {
+    contract: Arc<Contract>,
+    silver: TableWriter,
+    quarantine: TableWriter,
+    keys: KeySet,
+    /// Last Bronze version reflected in Silver.
+    processed: i64,
+    generation: i64,
+    /// Why a `fail` expectation stopped the product, until its spec changes.
+    halted: Option<String>,
+    commits_since_snapshot: u32,
+}
+
+impl ProductState {
+    async fn snapshot(&mut self) {
+        if self.commits_since_snapshot == 0 || self.contract.key().is_empty() {
+            return;
+        }
+        let store = self.silver.table().log_store().object_store(None);
+        match self.keys.save(store.as_ref(), self.silver.version()).await {
+            Ok(()) => self.commits_since_snapshot = 0,
+            Err(e) => {
+                warn!(table = %self.silver.table_ref(), error = %e, "dedupe snapshot not written; restart will read more commits")
+            }
+        }
+    }
+}
+
+fn now_us() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0)
+}
+
+fn pid(c: &Contract) -> String {
+    format!("{}.{}", c.domain(), c.name())
+}
+
+impl Transform {
+    async fn reload(&mut self) {
+        let changes = self.products.reload(self.pii_key.is_some()).await;
+        for id in changes.updated.iter().chain(changes.removed.iter()) {
+            // A new spec version starts from the committed state (and clears a halt).
+            self.states.remove(id);
+            self.rt
+                .health
+                .clear_problem(&format!("product {}.{}", id.0, id.1));
+            self.metrics
+                .product_failed
+                .with_label_values(&[&format!("{}.{}", id.0, id.1)])
+                .set(0);
+        }
+        for id in &changes.updated {
+            info!(product = %format!("{}.{}", id.0, id.1), "product spec loaded");
+        }
+        let problems: Vec<String> = self
+            .products
+            .problems
+            .iter()
+            .map(|(p, e)| format!("{}: {e}", p.display()))
+            .collect();
+        if problems.is_empty() {
+            self.rt.health.clear_problem("specs");
+        } else {
+            self.rt.health.set_problem("specs", problems.join("; "));
+        }
+    }
+
+    async fn catch_up_all(&mut self) {
+        let ids: Vec<ProductId> = self.products.contracts.keys().cloned().collect();
+        for id in ids {
+            self.catch_up(&id, &mut BTreeMap::new(), &[]).await;
+        }
+    }
+
+    async fn on_events(&mut self, msgs: Vec<jetstream::Message>) {
+        let mut fast: HashMap<ProductId, BTreeMap<i64, Vec<RecordBatch>>> = HashMap::new();
+        let mut links: HashMap<ProductId, Vec<String>> = HashMap::new();
+        for m in &msgs {
+            let Ok(part) = EventPart::parse(&m.subject, m.headers.as_ref(), m.payload.clone())
+            else {
+                warn!(subject = %m.subject, "malformed bronze event ignored; the table is read instead");
+                continue;
+            };
+            let id = (part.table.domain.clone(), part.table.name.clone());
+            let versions = fast.entry(id.clone()).or_default();
+            links
+                .entry(id)
+                .or_default()
+                .extend(part.links.iter().cloned());
+            // Single-part events carry the rows; others are read from the table.
+            if part.parts == 1
+                && !part.in_table
+                && let Ok((_, batches)) = medallion_bus::codec::decode(&part.payload)
+            {
+                versions.insert(part.version, batches);
+            }
+        }
+        for (id, mut versions) in fast {
+            if self.products.contracts.contains_key(&id) {
+                let l = links.remove(&id).unwrap_or_default();
+                self.catch_up(&id, &mut versions, &l).await;
+            }
+        }
+        // The events are handled: either their versions are in Silver now, or
+        // the reconcile tick will read them from Bronze.
+        for m in msgs {
+            let _ = m.ack().await;
+        }
+    }
+
+    async fn state(&mut self, id: &ProductId) -> Option<&mut ProductState> {
+        if !self.states.contains_key(id) {
+            let contract = self.products.contracts.get(id)?.clone();
+            match open_state(&self.lake, contract).await {
+                Ok(s) => {
+                    self.rt
+                        .health
+                        .clear_problem(&format!("lake {}.{}", id.0, id.1));
+                    self.states.insert(id.clone(), s);
+                }
+                Err(e) => {
+                    error!(product = %format!("{}.{}", id.0, id.1), error = %e, "cannot open silver tables");
+                    self.rt
+                        .health
+                        .set_problem(format!("lake {}.{}", id.0, id.1), e);
+                    return None;
+                }
+            }
+        }
+        self.states.get_mut(id)
+    }
+
+    /// Brings Silver up to the latest Bronze version, using event rows where
+    /// present and reading the Bronze table for the rest.
+    async fn catch_up(
+        &mut self,
+        id: &ProductId,
+        fast: &mut BTreeMap<i64, Vec<RecordBatch>>,
+        links: &[String],
+    ) {
+        let bronze_ref = TableRef::bronze(&id.0, &id.1);
+        let Ok(Some(bronze)) = medallion_lake::open_table(&self.lake, &bronze_ref).await else {
+            return;
+        };
+        let latest = bronze.version().map(|v| v as i64).unwrap_or(-1);
+        let pii_key = self.pii_key.clone();
+        let max_rows = self.max_rows;
+        let metrics = self.metrics.clone();
+        let js = self.js.clone();
+        let max_payload = medallion_bus::max_payload(&self.client);
+        let health = self.rt.health.clone();
+        let Some(state) = self.state(id).await else {
+            return;
+        };
+        if state.halted.is_some() {
+            return;
+        }
+        while state.processed < latest {
+            let product = pid(&state.contract);
+            let span = info_span!(
+                "silver.batch",
+                product,
+                layer = LAYER,
+                from = state.processed + 1,
+                to = tracing::field::Empty,
+                rows = tracing::field::Empty,
+                version = tracing::field::Empty
+            );
+            let result = step(
+                state,
+                &bronze,
+                &bronze_ref,
+                latest,
+                fast,
+                pii_key.as_deref(),
+                max_rows,
+                &metrics,
+            )
+            .instrument(span.clone())
+            .await;
+            match result {
+                Ok(Step::Commit {
+                    out_silver,
+                    out_quarantine,
+                    counts,
+                    new_keys,
+                    last,
+                    halt,
+                }) => {
+                    let links = medallion_bus::trace::continue_traces(
+                        "transform.message",
+                        links.iter().map(String::as_str),
+                        &span,
+                    );
+                    match commit(
+                        state,
+                        out_silver,
+                        out_quarantine,
+                        counts,
+                        new_keys,
+                        last,
+                        &js,
+                        max_payload,
+                        &metrics,
+                        &links,
+                    )
+                    .instrument(span)
+                    .await
+                    {
+                        Ok(()) => health.clear_problem(&format!("lake {product}")),
+                        Err(e) => {
+                            metrics
+                                .errors
+                                .with_label_values(&["transform", "commit"])
+                                .inc();
+                            warn!(product, error = %e, "silver commit failed; retrying from the table");
+                            health.set_problem(format!("lake {product}"), e);
+                            self.states.remove(id);
+                            return;
+                        }
+                    }
+                    if let Some(h) = halt {
+                        error!(product, reason = %h, "product halted by a fail expectation");
+                        metrics.product_failed.with_label_values(&[&product]).set(1);
+                        health.set_problem(format!("product {product}"), h.clone());
+                        state.halted = Some(h);
+                        return;
+                    }
+                }
+                Err(e) => {
+                    metrics
+                        .errors
+                        .with_label_values(&["transform", "read"])
+                        .inc();
+                    warn!(product, error = %e, "cannot read bronze; retrying on the next tick");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Full refresh of one product's Silver from Bronze; earlier versions stay
+    /// readable by time travel. Answers with a one-line result.
+    async fn replay(&mut self, product: &str) -> String {
+        let Some((d, p)) = product.split_once('.') else {
+            return format!("error: expected <domain>.<product>, got {product:?}");
+        };
+        let id = (d.to_string(), p.to_string());
+        if !self.products.contracts.contains_key(&id) {
+            return format!("error: no product spec for {product} in the products folder");
+        }
+        self.states.remove(&id);
+        let Some(state) = self.state(&id).await else {
+            return format!("error: cannot open the silver tables of {product}");
+        };
+        state.generation += 1;
+        state.processed = -1;
+        state.keys.clear();
+        state.halted = None;
+        let generation = state.generation;
+        info!(product, generation, "replay: rebuilding silver from bronze");
+        self.catch_up(&id, &mut BTreeMap::new(), &[]).await;
+        match self.states.get(&id) {
+            Some(s) if s.generation == generation => format!(
+                "ok: silver.{product} rebuilt from bronze up to version {} (silver version {})",
+                s.processed,
+                s.silver.version()
+            ),
+            _ => format!("error: replay of {product} did not finish; see the transform logs"),
+        }
+    }
+}
+
+enum Step {
+    Commit {
+        out_silver: Vec<RecordBatch>,
+        out_quarantine: Vec<RecordBatch>,
+        counts: QualityCounts,
+        new_keys: HashSet<u128>,
+        last: i64,
+        halt: Option<String>,
+    },
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn step(
+    state: &mut ProductState,
+    bronze: &deltalake::DeltaTable,
+    bronze_ref: &TableRef,
+    latest: i64,
+    fast: &mut BTreeMap<i64, Vec<RecordBatch>>,
+    pii_key: Option<&[u8]>,
+    max_rows: usize,
+    metrics: &PipelineMetrics,
+) -> Result<Step, String> {
+    let mut out_silver = Vec::new();
+    let mut out_quarantine = Vec::new();
+    let mut counts = QualityCounts::default();
+    let mut pending: HashSet<u128> = HashSet::new();
+    let mut last = state.processed;
+    let mut rows = 0usize;
+    let mut halt = None;
+    let product = pid(&state.contract);
+    let now = now_us();
+    for v in (state.processed + 1)..=latest {
+        let batches = match fast.remove(&v) {
+            Some(b) => b,
+            None => {
+                metrics.catch_up_commits.with_label_values(&[LAYER]).inc();
+                match read_commit(bronze_ref, bronze, v)
+                    .await
+                    .map_err(|e| e.to_string())?
+                {
+                    Some(c) => c.batches,
+                    None => {
+                        warn!(
+                            product,
+                            version = v,
+                            "bronze version no longer in the log; skipped"
+                        );
+                        Vec::new()
+                    }
+                }
+            }
+        };
+        let mut version_out = Vec::new();
+        for b in &batches {
+            let contract = state.contract.clone();
+            let keys = &state.keys;
+            let pend = &pending;
+            // A panic on hostile input must not take the service down: the
+            // batch is reported and the product halts at this version.
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                transform(&contract, pii_key, b, v, keys, pend, now)
+            }));
+            match r {
+                Ok(Ok(o)) => version_out.push(o),
+                Ok(Err(h)) => {
+                    halt = Some(h.to_string());
+                    break;
+                }
+                Err(p) => {
+                    let msg = p
+                        .downcast_ref::<String>()
+                        .cloned()
+                        .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                        .unwrap_or_default();
+                    halt = Some(format!("transform crashed on bronze version {v}: {msg}"));
+                    break;
+                }
+            }
+        }
+        if halt.is_some() {
+            break;
+        }
+        for o in version_out {
+            rows += o.silver.num_rows() + o.quarantine.num_rows();
+            pending.extend(o.new_keys.iter().copied());
+            counts.add(&o.counts);
+            out_silver.push(o.silver);
+            out_quarantine.push(o.quarantine);
+        }
+        last = v;
+        failpoint::hit("transform.after_version");
+        if rows >= max_rows {
+            break;
+        }
+    }
+    tracing::Span::current()
+        .record("to", last)
+        .record("rows", counts.rows_out);
+    Ok(Step::Commit {
+        out_silver,
+        out_quarantine,
+        counts,
+        new_keys: pending,
+        last,
+        halt,
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn commit(
+    state: &mut ProductState,
+    silver: Vec<RecordBatch>,
+    quarantine: Vec<RecordBatch>,
+    counts: QualityCounts,
+    new_keys: HashSet<u128>,
+    last: i64,
+    js: &jetstream::Context,
+    max_payload: usize,
+    metrics: &PipelineMetrics,
+    links: &[String],
+) -> Result<(), String> {
+    if last == state.processed {
+        return Ok(());
+    }
+    let product = pid(&state.contract);
+    let txn = (state.generation << GEN_SHIFT) | last;
+    let mode = |w: &TableWriter| {
+        // The first commit of a replay replaces the table's rows.
+        if state.generation > 0
+            && state.processed < 0
+            && w.txn_version().map(|t| t >> GEN_SHIFT) != Some(state.generation)
+        {
+            WriteMode::Overwrite
+        } else {
+            WriteMode::Append
+        }
+    };
+    let started = Instant::now();
+    let qmode = mode(&state.quarantine);
+    let smode = mode(&state.silver);
+    let replaced = matches!(smode, WriteMode::Overwrite);
+    let q_rows: usize = quarantine.iter().map(|b| b.num_rows()).sum();
+    if q_rows > 0 || matches!(qmode, WriteMode::Overwrite) {
+        state
+            .quarantine
+            .commit(
+                &quarantine,
+                txn,
+                qmode,
+                &[("medallion.bronze_version", last.into())],
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+    failpoint::hit("transform.between_commits");
+    let outcome = state
+        .silver
+        .commit(
+            &silver,
+            txn,
+            smode,
+            &[
+                ("medallion.bronze_version", last.into()),
+                ("medallion.generation", state.generation.into()),
+            ],
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    let version = match outcome {
+        CommitOutcome::Committed(v) => v,
+        CommitOutcome::AlreadyCommitted(_) => {
+            return Err(
+                "silver already has this bronze version (another transform replica?)".into(),
+            );
+        }
+    };
+    state.processed = last;
+    state.keys.extend(new_keys);
+    state.commits_since_snapshot += 1;
+    tracing::Span::current().record("version", version);
+    let silver_ref = state.silver.table_ref().clone();
+    metrics
+        .commit_seconds
+        .with_label_values(&[LAYER])
+        .observe(started.elapsed().as_secs_f64());
+    metrics
+        .rows_in
+        .with_label_values(&[LAYER, &product])
+        .inc_by(counts.rows_in);
+    metrics
+        .rows_out
+        .with_label_values(&[LAYER, &product])
+        .inc_by(counts.rows_out);
+    metrics
+        .quarantined
+        .with_label_values(&[&product, "invalid"])
+        .inc_by(counts.invalid);
+    metrics
+        .deduplicated
+        .with_label_values(&[&product])
+        .inc_by(counts.duplicates);
+    // Per-rule counts: a row failing two rules counts under both.
+    for (name, e) in &counts.expectations {
+        match e.action.as_str() {
+            "warn" => metrics
+                .warned
+                .with_label_values(&[&product, name])
+                .inc_by(e.failed),
+            "drop" => metrics
+                .dropped
+                .with_label_values(&[&product, name])
+                .inc_by(e.failed),
+            "quarantine" => metrics
+                .quarantined
+                .with_label_values(&[&product, name])
+                .inc_by(e.failed),
+            _ => {}
+        }
+    }
+    metrics.committed(&silver_ref.sql_name(), version);
+    info!(
+        product,
+        layer = LAYER,
+        rows = counts.rows_out,
+        quarantined = counts.quarantined,
+        version,
+        bronze_version = last,
+        "silver.commit"
+    );
+
+    let schema = state.silver.schema().clone();
+    let commit = Commit {
+        table: &silver_ref,
+        version,
+        operation: if replaced {
+            Operation::Overwrite
+        } else {
+            Operation::Append
+        },
+        schema,
+        batches: &silver,
+        links,
+    };
+    match publish_commit(js, commit, max_payload).await {
+        Ok(n) => metrics
+            .events_published
+            .with_label_values(&[LAYER])
+            .inc_by(n as u64),
+        Err(e) => {
+            warn!(table = %silver_ref, version, error = %e, "silver event not published; aggregate reads the commit from the table")
+        }
+    }
+    publish_quality(js, &state.contract, version, last, &counts).await;
+    if state.commits_since_snapshot >= SNAPSHOT_EVERY {
+        state.snapshot().await;
+    }
+    Ok(())
+}
+
+async fn publish_quality(
+    js: &jetstream::Context,
+    c: &Contract,
+    silver_version: i64,
+    bronze_version: i64,
+    counts: &QualityCounts,
+) {
+    let body = serde_json::json!({
+        "product": pid(c),
+        "silver_version": silver_version,
+        "bronze_version": bronze_version,
+        "at": chrono::Utc::now().to_rfc3339(),
+        "counts": counts,
+    });
+    let subject = format!("medallion.quality.{}.{}", c.domain(), c.name());
+    let mut h = async_nats::HeaderMap::new();
+    h.insert(
+        "Nats-Msg-Id",
+        format!("quality:{}@{silver_version}", pid(c)).as_str(),
+    );
+    let sent = match js
+        .publish_with_headers(subject, h, body.to_string().into())
+        .await
+    {
+        Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    };
+    if let Err(e) = sent {
+        warn!(product = %pid(c), error = %e, "quality event not published");
+    }
+}
+
+async fn open_state(lake: &Lake, contract: Arc<Contract>) -> Result<ProductState, String> {
+    let (d, p) = (contract.domain().to_string(), contract.name().to_string());
+    let silver_ref = TableRef::silver(&d, &p);
+    let options = TableOptions {
+        description: Some(contract.product.spec.description.clone()),
+        append_only: false,
+        partition_columns: vec![],
+    };
+    let silver = TableWriter::open_or_create(
+        lake,
+        &silver_ref,
+        contract.silver_schema.clone(),
+        APP_ID,
+        &options,
+    )
+    .await
+    .map_err(|e| e.to_string())?;
+    if !same_columns(silver.schema(), &contract.silver_schema) {
+        return Err(format!(
+            "the spec's columns differ from {}; a schema change needs a new product name (or drop the table) — medallion replay keeps the table's schema",
+            silver_ref.sql_name()
+        ));
+    }
+    let qoptions = TableOptions {
+        description: Some(format!(
+            "Rows of {d}.{p} rejected by its contract, with the reasons"
+        )),
+        append_only: false,
+        partition_columns: vec![],
+    };
+    let quarantine = TableWriter::open_or_create(
+        lake,
+        &TableRef::quarantine(&d, &p),
+        quarantine_schema(),
+        APP_ID,
+        &qoptions,
+    )
+    .await
+    .map_err(|e| e.to_string())?;
+    let txn = silver.txn_version().unwrap_or(-1);
+    let (processed, generation) = if txn < 0 {
+        (-1, 0)
+    } else {
+        (txn & VERSION_MASK, txn >> GEN_SHIFT)
+    };
+    let keys = load_keys(&silver, contract.key()).await?;
+    Ok(ProductState {
+        contract,
+        silver,
+        quarantine,
+        keys,
+        processed,
+        generation,
+        halted: None,
+        commits_since_snapshot: 0,
+    })
+}
+
+fn same_columns(a: &arrow::datatypes::Schema, b: &arrow::datatypes::Schema) -> bool {
+    a.fields().len() == b.fields().len()
+        && a.fields()
+            .iter()
+            .zip(b.fields().iter())
+            .all(|(x, y)| x.name() == y.name() && x.data_type() == y.data_type())
+}
+
+/// The key set as of Silver's current version: newest snapshot + later commits.
+async fn load_keys(silver: &TableWriter, key: &[String]) -> Result<KeySet, String> {
+    if key.is_empty() {
+        return Ok(KeySet::default());
+    }
+    let current = silver.version();
+    let store = silver.table().log_store().object_store(None);
+    let (from, mut keys) = match KeySet::load(store.as_ref(), current)
+        .await
+        .map_err(|e| e.to_string())?
+    {
+        Some((v, set)) => (v + 1, set),
+        None => (0, KeySet::default()),
+    };
+    let started = Instant::now();
+    for v in from..=current {
+        if let Some(c) = read_commit(silver.table_ref(), silver.table(), v)
+            .await
+            .map_err(|e| e.to_string())?
+        {
+            if c.removed_data {
+                keys.clear();
+            }
+            for b in &c.batches {
+                keys.add_batch(b, key).map_err(|e| e.to_string())?;
+            }
+        }
+    }
+    info!(table = %silver.table_ref(), keys = keys.len(), from_version = from, to_version = current, ms = started.elapsed().as_millis() as u64, "dedupe state loaded");
+    Ok(keys)
+}

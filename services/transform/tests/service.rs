@@ -1,0 +1,446 @@
+//! Transform against a real nats-server, real ingest and real Delta tables.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::Path;
+use std::time::Duration;
+
+use arrow::array::{Array, AsArray, RecordBatch};
+use async_nats::jetstream;
+use bytes::Bytes;
+use futures::StreamExt;
+use medallion_lake::{Lake, open_at, read_all};
+use medallion_runtime::{EnvReader, Runtime};
+use medallion_spec::TableRef;
+use medallion_testkit::{NatsServer, eventually, free_port};
+
+const PII_KEY: &str = "service-test-pii-key-0123456789";
+
+fn vars(
+    nats: &NatsServer,
+    lake: &Path,
+    products: &Path,
+    addr_var: &str,
+) -> BTreeMap<String, String> {
+    [
+        ("NATS_URL".to_string(), nats.url()),
+        ("MEDALLION_LAKE".to_string(), lake.display().to_string()),
+        (
+            "MEDALLION_PRODUCTS".to_string(),
+            products.display().to_string(),
+        ),
+        ("MEDALLION_PII_KEY".to_string(), PII_KEY.to_string()),
+        ("MEDALLION_BATCH_WAIT".to_string(), "50ms".to_string()),
+        ("MEDALLION_RELOAD_INTERVAL".to_string(), "300ms".to_string()),
+        (addr_var.to_string(), format!("127.0.0.1:{}", free_port())),
+    ]
+    .into_iter()
+    .collect()
+}
+
+fn init_logs() {
+    medallion_runtime::install_crypto_provider();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            std::env::var("MEDALLION_LOG")
+                .unwrap_or_else(|_| "warn,deltalake_core=error,buoyant_kernel=off".into()),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
+fn start_ingest(v: BTreeMap<String, String>) -> Runtime {
+    let mut r = EnvReader::from_map(v);
+    let c = medallion_ingest::IngestConfig::from_env(&mut r);
+    r.finish().unwrap();
+    let rt = Runtime::new("medallion-ingest");
+    tokio::spawn(medallion_ingest::run(c, rt.clone()));
+    rt
+}
+
+fn start_transform(
+    v: BTreeMap<String, String>,
+) -> (Runtime, tokio::task::JoinHandle<anyhow::Result<()>>) {
+    let mut r = EnvReader::from_map(v);
+    let c = medallion_transform::TransformConfig::from_env(&mut r);
+    r.finish().unwrap();
+    let rt = Runtime::new("medallion-transform");
+    let h = tokio::spawn(medallion_transform::run(c, rt.clone()));
+    (rt, h)
+}
+
+async fn rows(lake: &Lake, t: &TableRef) -> Vec<RecordBatch> {
+    match open_at(lake, t, None).await.unwrap() {
+        Some(table) => read_all(t, &table).await.unwrap(),
+        None => Vec::new(),
+    }
+}
+
+fn count(b: &[RecordBatch]) -> usize {
+    b.iter().map(|b| b.num_rows()).sum()
+}
+
+fn strings(b: &[RecordBatch], col: &str) -> Vec<String> {
+    b.iter()
+        .flat_map(|b| {
+            let a = b.column_by_name(col).unwrap().as_string::<i32>().clone();
+            (0..a.len()).map(move |i| {
+                if a.is_null(i) {
+                    "<null>".to_string()
+                } else {
+                    a.value(i).to_string()
+                }
+            })
+        })
+        .collect()
+}
+
+fn payment(id: &str, amount: f64, currency: &str, country: &str) -> String {
+    format!(
+        r#"{{"event_id":"{id}","ts":"2026-11-29T10:15:00Z","user_id":"u-{id}","amount":{amount},"currency":"{currency}","country":"{country}"}}"#
+    )
+}
+
+async fn publish(js: &jetstream::Context, body: String) {
+    js.publish("medallion.ingest.finance.payments", Bytes::from(body))
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silver_enforces_the_contract_end_to_end() {
+    init_logs();
+    let nats = NatsServer::start();
+    let lake_dir = tempfile::tempdir().unwrap();
+    let products = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        concat!(env!("CARGO_MANIFEST_DIR"), "/../../products/payments.yaml"),
+        products.path().join("payments.yaml"),
+    )
+    .unwrap();
+    let lake = Lake::from_location(&lake_dir.path().display().to_string()).unwrap();
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let js = jetstream::new(client.clone());
+    medallion_bus::ensure_streams(&js, &Default::default())
+        .await
+        .unwrap();
+    let mut silver_events = client
+        .subscribe("medallion.silver.finance.payments")
+        .await
+        .unwrap();
+    let mut quality_events = client
+        .subscribe("medallion.quality.finance.payments")
+        .await
+        .unwrap();
+
+    let ingest = start_ingest(vars(
+        &nats,
+        lake_dir.path(),
+        products.path(),
+        "MEDALLION_INGEST_ADDR",
+    ));
+    let (transform, handle) = start_transform(vars(
+        &nats,
+        lake_dir.path(),
+        products.path(),
+        "MEDALLION_TRANSFORM_ADDR",
+    ));
+    let silver = TableRef::silver("finance", "payments");
+    let quarantine = TableRef::quarantine("finance", "payments");
+
+    // Batch 1: 200 good rows in ndjson messages of 10, plus bad ones.
+    for m in 0..20 {
+        let lines: Vec<String> = (0..10)
+            .map(|i| payment(&format!("e{}", m * 10 + i), 10.0, " eur", "FR"))
+            .collect();
+        publish(&js, lines.join("\n")).await;
+    }
+    publish(&js, payment("neg", -1.0, "EUR", "FR")).await;
+    publish(&js, payment("cur", 5.0, "EURO", "FR")).await;
+    publish(&js, "{not json".to_string()).await;
+    publish(
+        &js,
+        r#"{"event_id":"nots","ts":"soon","amount":1,"currency":"EUR","country":"FR"}"#.to_string(),
+    )
+    .await;
+    eventually(
+        Duration::from_secs(60),
+        "200 silver rows and 4 quarantined",
+        || async {
+            count(&rows(&lake, &silver).await) == 200 && count(&rows(&lake, &quarantine).await) == 4
+        },
+    )
+    .await;
+
+    let s = rows(&lake, &silver).await;
+    assert!(
+        strings(&s, "currency").iter().all(|c| c == "EUR"),
+        "standardized to upper"
+    );
+    let users = strings(&s, "user_id");
+    assert!(
+        users.iter().all(|u| u.len() == 64 && !u.starts_with("u-")),
+        "PII hashed: {:?}",
+        &users[..2]
+    );
+    let q = rows(&lake, &quarantine).await;
+    let reasons: Vec<String> = q
+        .iter()
+        .flat_map(|b| {
+            let errs = b.column_by_name("errors").unwrap().as_list::<i32>().clone();
+            let failed = b
+                .column_by_name("failed_expectations")
+                .unwrap()
+                .as_list::<i32>()
+                .clone();
+            (0..b.num_rows())
+                .map(move |i| {
+                    let e = errs.value(i);
+                    let f = failed.value(i);
+                    let mut all: Vec<String> = e
+                        .as_string::<i32>()
+                        .iter()
+                        .flatten()
+                        .map(str::to_string)
+                        .collect();
+                    all.extend(f.as_string::<i32>().iter().flatten().map(str::to_string));
+                    all.join(";")
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    for want in [
+        "positive_amount",
+        "known_currency",
+        "malformed JSON",
+        "\"soon\" is not a valid timestamp",
+    ] {
+        assert!(
+            reasons.iter().any(|r| r.contains(want)),
+            "a quarantine reason mentions {want}: {reasons:?}"
+        );
+    }
+
+    // Batch 2, a separate commit: old keys again + 5 new ones → only the new ones land.
+    let lines: Vec<String> = (0..50)
+        .map(|i| payment(&format!("e{i}"), 99.0, "USD", "US"))
+        .chain((200..205).map(|i| payment(&format!("e{i}"), 1.0, "USD", "US")))
+        .collect();
+    publish(&js, lines.join("\n")).await;
+    eventually(Duration::from_secs(60), "205 silver rows", || async {
+        count(&rows(&lake, &silver).await) >= 205
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let s = rows(&lake, &silver).await;
+    assert_eq!(count(&s), 205, "cross-batch duplicates dropped");
+    let ids: HashSet<String> = strings(&s, "event_id").into_iter().collect();
+    assert_eq!(ids.len(), 205);
+
+    // Events: silver rows as Arrow IPC, quality counts as JSON.
+    let m = tokio::time::timeout(Duration::from_secs(10), silver_events.next())
+        .await
+        .unwrap()
+        .unwrap();
+    let part =
+        medallion_bus::EventPart::parse(&m.subject, m.headers.as_ref(), m.payload.clone()).unwrap();
+    assert_eq!(part.table, silver);
+    let (_, batches) = medallion_bus::codec::decode(&part.payload).unwrap();
+    assert!(count(&batches) > 0);
+    let q = tokio::time::timeout(Duration::from_secs(10), quality_events.next())
+        .await
+        .unwrap()
+        .unwrap();
+    let quality: serde_json::Value = serde_json::from_slice(&q.payload).unwrap();
+    assert_eq!(quality["product"], "finance.payments");
+    assert!(
+        quality["counts"]["expectations"]["positive_amount"]["passed"]
+            .as_u64()
+            .is_some(),
+        "{quality}"
+    );
+
+    // Restart transform: the dedupe state comes back (snapshot + tail), old keys stay out.
+    transform.shutdown.cancel();
+    handle.await.unwrap().unwrap();
+    let (transform, handle) = start_transform(vars(
+        &nats,
+        lake_dir.path(),
+        products.path(),
+        "MEDALLION_TRANSFORM_ADDR",
+    ));
+    publish(
+        &js,
+        [
+            payment("e3", 1.0, "EUR", "FR"),
+            payment("e999", 1.0, "EUR", "FR"),
+        ]
+        .join("\n"),
+    )
+    .await;
+    eventually(Duration::from_secs(60), "206 silver rows", || async {
+        count(&rows(&lake, &silver).await) >= 206
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(
+        count(&rows(&lake, &silver).await),
+        206,
+        "e3 stayed deduplicated after the restart"
+    );
+
+    // Replay: a full refresh from Bronze, same rows, old versions still readable.
+    let before = open_at(&lake, &silver, None)
+        .await
+        .unwrap()
+        .unwrap()
+        .version()
+        .unwrap() as i64;
+    let reply = client
+        .request("medallion.control.replay", Bytes::from("finance.payments"))
+        .await
+        .unwrap();
+    let reply = String::from_utf8_lossy(&reply.payload).to_string();
+    assert!(reply.starts_with("ok:"), "{reply}");
+    let after = open_at(&lake, &silver, None).await.unwrap().unwrap();
+    assert!(after.version().unwrap() as i64 > before);
+    assert_eq!(
+        count(&read_all(&silver, &after).await.unwrap()),
+        206,
+        "replay rebuilds the same rows"
+    );
+    let old = open_at(&lake, &silver, Some(before))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        count(&read_all(&silver, &old).await.unwrap()),
+        206,
+        "time travel to the pre-replay version"
+    );
+
+    // Another Delta implementation reads Silver and quarantine.
+    for (t, n) in [
+        ("silver/finance/payments", 206),
+        ("silver/finance/payments__quarantine", 4),
+    ] {
+        let out = std::process::Command::new("python3")
+            .arg("-c")
+            .arg("import os, sys, deltalake; print(deltalake.DeltaTable(sys.argv[1]).to_pyarrow_table().num_rows, flush=True); os._exit(0)")
+            .arg(lake_dir.path().join(t))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            n.to_string(),
+            "{t}"
+        );
+    }
+
+    transform.shutdown.cancel();
+    ingest.shutdown.cancel();
+    handle.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fail_expectation_halts_the_product_until_the_spec_changes() {
+    init_logs();
+    let nats = NatsServer::start();
+    let lake_dir = tempfile::tempdir().unwrap();
+    let products = tempfile::tempdir().unwrap();
+    let spec = r#"apiVersion: medallion.dev/v1alpha1
+kind: DataProduct
+metadata: {name: ledger}
+spec:
+  domain: bank
+  owner: t@example.com
+  description: balances
+  source: {format: json}
+  schema:
+    - {name: id, type: string, required: true}
+    - {name: balance, type: int64}
+  expectations:
+    - {name: no_overdraft, rule: "balance >= 0", action: fail}
+"#;
+    std::fs::write(products.path().join("ledger.yaml"), spec).unwrap();
+    let lake = Lake::from_location(&lake_dir.path().display().to_string()).unwrap();
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let js = jetstream::new(client.clone());
+    medallion_bus::ensure_streams(&js, &Default::default())
+        .await
+        .unwrap();
+    let ingest = start_ingest(vars(
+        &nats,
+        lake_dir.path(),
+        products.path(),
+        "MEDALLION_INGEST_ADDR",
+    ));
+    let (transform, handle) = start_transform(vars(
+        &nats,
+        lake_dir.path(),
+        products.path(),
+        "MEDALLION_TRANSFORM_ADDR",
+    ));
+    let silver = TableRef::silver("bank", "ledger");
+    let send = |b: &'static str| {
+        let js = js.clone();
+        async move {
+            js.publish("medallion.ingest.bank.ledger", Bytes::from(b))
+                .await
+                .unwrap()
+                .await
+                .unwrap()
+        }
+    };
+    send(r#"{"id":"a","balance":1}"#).await;
+    eventually(Duration::from_secs(30), "first row", || async {
+        count(&rows(&lake, &silver).await) == 1
+    })
+    .await;
+    send(r#"{"id":"b","balance":-5}"#).await;
+    eventually(
+        Duration::from_secs(30),
+        "readiness names the failed expectation",
+        || async {
+            transform
+                .health
+                .problems()
+                .values()
+                .any(|p| p.contains("no_overdraft"))
+        },
+    )
+    .await;
+    send(r#"{"id":"c","balance":3}"#).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        count(&rows(&lake, &silver).await),
+        1,
+        "nothing is written past the failing batch"
+    );
+
+    // The owner relaxes the rule to a warning: the product resumes where it stopped.
+    std::fs::write(
+        products.path().join("ledger.yaml"),
+        spec.replace("action: fail", "action: warn"),
+    )
+    .unwrap();
+    eventually(Duration::from_secs(30), "the product resumed", || async {
+        count(&rows(&lake, &silver).await) == 3
+    })
+    .await;
+    assert!(
+        transform.health.is_ready(),
+        "{:?}",
+        transform.health.problems()
+    );
+
+    transform.shutdown.cancel();
+    ingest.shutdown.cancel();
+    handle.await.unwrap().unwrap();
+}
