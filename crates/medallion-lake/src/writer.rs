@@ -63,6 +63,7 @@ pub struct TableWriter {
     app_id: String,
     txn: Option<i64>,
     properties: WriterProperties,
+    added: Vec<String>,
 }
 
 impl std::fmt::Debug for TableWriter {
@@ -170,6 +171,7 @@ impl TableWriter {
             app_id,
             txn: None,
             properties: writer_properties(),
+            added: Vec::new(),
         };
         w.txn = w.read_txn().await?;
         Ok(w)
@@ -239,12 +241,26 @@ impl TableWriter {
         mode: WriteMode,
         metadata: &[(&str, serde_json::Value)],
     ) -> Result<CommitOutcome, LakeError> {
+        self.commit_files(&[batches.to_vec()], txn, mode, metadata)
+            .await
+    }
+
+    /// Like [`commit`](Self::commit), writing each group to its own data file
+    /// (in order: [`added_files`](Self::added_files) lists their paths after
+    /// the commit), so a caller can later replace one group's file alone.
+    pub async fn commit_files(
+        &mut self,
+        groups: &[Vec<RecordBatch>],
+        txn: i64,
+        mode: WriteMode,
+        metadata: &[(&str, serde_json::Value)],
+    ) -> Result<CommitOutcome, LakeError> {
         if let Some(done) = self.txn
             && txn <= done
         {
             return Ok(CommitOutcome::AlreadyCommitted(done));
         }
-        let result = self.try_commit(batches, txn, mode, metadata).await;
+        let result = self.try_commit(groups, txn, mode, metadata).await;
         if result.is_err() {
             // The log entry may or may not have been written; learn which before
             // the caller retries, so a retry can never commit twice.
@@ -253,28 +269,37 @@ impl TableWriter {
         result
     }
 
+    /// Paths (relative to the table root) of the files the last commit added, one per group.
+    pub fn added_files(&self) -> &[String] {
+        &self.added
+    }
+
     async fn try_commit(
         &mut self,
-        batches: &[RecordBatch],
+        groups: &[Vec<RecordBatch>],
         txn: i64,
         mode: WriteMode,
         metadata: &[(&str, serde_json::Value)],
     ) -> Result<CommitOutcome, LakeError> {
         let tref = self.tref.clone();
         let delta = |e| LakeError::delta(&tref, e);
-        let mut writer = RecordBatchWriter::for_table(&self.table)
-            .map_err(delta)?
-            .with_writer_properties(self.properties.clone());
-        for b in batches.iter().filter(|b| b.num_rows() > 0) {
-            writer.write(b.clone()).await.map_err(delta)?;
+        let mut actions: Vec<Action> = Vec::new();
+        let mut added = Vec::new();
+        for batches in groups {
+            if batches.iter().all(|b| b.num_rows() == 0) {
+                continue;
+            }
+            let mut writer = RecordBatchWriter::for_table(&self.table)
+                .map_err(delta)?
+                .with_writer_properties(self.properties.clone());
+            for b in batches.iter().filter(|b| b.num_rows() > 0) {
+                writer.write(b.clone()).await.map_err(delta)?;
+            }
+            for add in writer.flush().await.map_err(delta)? {
+                added.push(add.path.clone());
+                actions.push(Action::Add(add));
+            }
         }
-        let mut actions: Vec<Action> = writer
-            .flush()
-            .await
-            .map_err(delta)?
-            .into_iter()
-            .map(Action::Add)
-            .collect();
         let save_mode = match mode {
             WriteMode::Append => SaveMode::Append,
             WriteMode::Overwrite => {
@@ -315,6 +340,7 @@ impl TableWriter {
         let version = finalized.version();
         self.table.state = Some(finalized.snapshot());
         self.txn = Some(txn);
+        self.added = added;
         Ok(CommitOutcome::Committed(version as i64))
     }
 }

@@ -7,6 +7,7 @@
 
 pub mod contract;
 pub mod error;
+pub mod folder;
 pub mod gold;
 pub mod layout;
 pub mod model;

@@ -21,7 +21,6 @@ pub mod config;
 pub mod decode;
 pub mod dedupe;
 pub mod pipeline;
-pub mod products;
 mod service;
 
 pub use config::TransformConfig;

@@ -20,8 +20,9 @@ use tracing::{Instrument, error, info, info_span, warn};
 
 use crate::dedupe::KeySet;
 use crate::pipeline::{QualityCounts, transform};
-use crate::products::{ProductId, Products};
 use crate::{APP_ID, REPLAY_SUBJECT, TransformConfig};
+use medallion_spec::PiiMode;
+use medallion_spec::folder::{ProductId, Products};
 
 const LAYER: &str = "silver";
 /// Transaction versions are `generation << 40 | bronze version`: a replay
@@ -164,7 +165,23 @@ fn pid(c: &Contract) -> String {
 
 impl Transform {
     async fn reload(&mut self) {
-        let changes = self.products.reload(self.pii_key.is_some()).await;
+        let has_key = self.pii_key.is_some();
+        let check = |c: &Contract| -> Result<(), String> {
+            match c
+                .product
+                .spec
+                .schema
+                .iter()
+                .position(|col| col.pii == Some(PiiMode::Hash))
+            {
+                Some(i) if !has_key => Err(format!(
+                    "spec.schema[{i}].pii: column {} is hashed, but MEDALLION_PII_KEY is not set; set it (the same key on every transform replica)",
+                    c.product.spec.schema[i].name
+                )),
+                _ => Ok(()),
+            }
+        };
+        let changes = self.products.reload(check, has_key as u64).await;
         for id in changes.updated.iter().chain(changes.removed.iter()) {
             // A new spec version starts from the committed state (and clears a halt).
             self.states.remove(id);
@@ -178,6 +195,15 @@ impl Transform {
         }
         for id in &changes.updated {
             info!(product = %format!("{}.{}", id.0, id.1), "product spec loaded");
+        }
+        for file in &changes.rejected {
+            let e = self
+                .products
+                .problems
+                .get(file)
+                .map(String::as_str)
+                .unwrap_or_default();
+            error!(file = %file.display(), error = %e, "product spec rejected; the last valid version keeps running");
         }
         let problems: Vec<String> = self
             .products

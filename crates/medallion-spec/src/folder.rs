@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use medallion_spec::{Contract, PiiMode};
+use crate::Contract;
 use xxhash_rust::xxh3::xxh3_64;
 
 pub type ProductId = (String, String);
@@ -25,6 +25,8 @@ pub struct Products {
 pub struct Changes {
     pub updated: Vec<ProductId>,
     pub removed: Vec<ProductId>,
+    /// Files that changed and no longer compile (reason in `problems`).
+    pub rejected: Vec<PathBuf>,
 }
 
 impl Products {
@@ -38,7 +40,14 @@ impl Products {
         }
     }
 
-    pub async fn reload(&mut self, pii_key: bool) -> Changes {
+    /// Re-reads the folder. `check` adds a service's own requirements to the
+    /// spec's validation (e.g. transform needs a PII key to hash); `salt` is
+    /// mixed into the change detection so a changed requirement re-checks.
+    pub async fn reload(
+        &mut self,
+        check: impl Fn(&Contract) -> Result<(), String>,
+        salt: u64,
+    ) -> Changes {
         let mut changes = Changes::default();
         let mut present = Vec::new();
         for path in yaml_files(&self.dir) {
@@ -46,12 +55,12 @@ impl Products {
                 continue;
             };
             present.push(path.clone());
-            let hash = xxh3_64(text.as_bytes()) ^ pii_key as u64;
+            let hash = xxh3_64(text.as_bytes()) ^ salt;
             if self.files.get(&path) == Some(&hash) {
                 continue;
             }
             self.files.insert(path.clone(), hash);
-            match compile(&text, pii_key).await {
+            match compile(&text, &check).await {
                 Ok(c) => {
                     let id = (c.domain().to_string(), c.name().to_string());
                     self.problems.remove(&path);
@@ -65,7 +74,7 @@ impl Products {
                     changes.updated.push(id);
                 }
                 Err(e) => {
-                    tracing::error!(file = %path.display(), error = %e, "product spec rejected; the last valid version keeps running");
+                    changes.rejected.push(path.clone());
                     self.problems.insert(path, e);
                 }
             }
@@ -88,27 +97,12 @@ impl Products {
     }
 }
 
-async fn compile(text: &str, pii_key: bool) -> Result<Contract, String> {
+async fn compile(
+    text: &str,
+    check: &impl Fn(&Contract) -> Result<(), String>,
+) -> Result<Contract, String> {
     let c = Contract::from_yaml(text).await.map_err(|e| e.to_string())?;
-    if !pii_key
-        && let Some(col) = c
-            .product
-            .spec
-            .schema
-            .iter()
-            .find(|c| c.pii == Some(PiiMode::Hash))
-    {
-        return Err(format!(
-            "spec.schema[{}].pii: column {} is hashed, but MEDALLION_PII_KEY is not set; set it (the same key on every transform replica)",
-            c.product
-                .spec
-                .schema
-                .iter()
-                .position(|x| x.name == col.name)
-                .unwrap_or(0),
-            col.name
-        ));
-    }
+    check(&c)?;
     Ok(c)
 }
 

@@ -1,0 +1,37 @@
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use medallion_bus::batching::BatchLimits;
+use medallion_bus::{NatsSettings, StreamSettings};
+use medallion_lake::Lake;
+use medallion_runtime::EnvReader;
+
+#[derive(Debug, Clone)]
+pub struct AggregateConfig {
+    pub nats: NatsSettings,
+    pub lake: Option<Lake>,
+    pub addr: SocketAddr,
+    pub streams: StreamSettings,
+    pub batch: BatchLimits,
+    pub ack_wait: Duration,
+    pub products: PathBuf,
+    pub reload_interval: Duration,
+}
+
+impl AggregateConfig {
+    pub fn from_env(env: &mut EnvReader) -> Self {
+        AggregateConfig {
+            nats: NatsSettings::from_env(env, "medallion-aggregate"),
+            lake: Lake::from_env(env),
+            addr: env.socket_addr("MEDALLION_AGGREGATE_ADDR"),
+            streams: StreamSettings::from_env(env),
+            batch: BatchLimits::from_env(env),
+            ack_wait: env.duration("MEDALLION_ACK_WAIT"),
+            products: env
+                .path("MEDALLION_PRODUCTS")
+                .unwrap_or_else(|| PathBuf::from("./products")),
+            reload_interval: env.duration("MEDALLION_RELOAD_INTERVAL"),
+        }
+    }
+}

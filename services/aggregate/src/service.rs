@@ -1,0 +1,445 @@
+//! The aggregate loop: Silver events (or the Silver table) → Gold tables.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use arrow::array::RecordBatch;
+use async_nats::jetstream;
+use medallion_bus::batching::{Batch, next_batch};
+use medallion_bus::streams::SILVER_STREAM;
+use medallion_bus::{Commit, EventPart, Operation, publish_commit};
+use medallion_lake::{
+    CommitOutcome, FileInfo, Lake, TableOptions, TableWriter, WriteMode, read_all, read_commit,
+};
+use medallion_runtime::metrics::PipelineMetrics;
+use medallion_runtime::{Runtime, failpoint};
+use medallion_spec::folder::{ProductId, Products};
+use medallion_spec::{Contract, TableRef};
+use tracing::{Instrument, info, info_span, warn};
+
+use crate::state::{BUCKETS, GoldState, bucket_of};
+use crate::{APP_ID, AggregateConfig};
+
+const LAYER: &str = "gold";
+
+pub async fn run(config: AggregateConfig, rt: Runtime) -> anyhow::Result<()> {
+    let lake = config
+        .lake
+        .clone()
+        .context("MEDALLION_LAKE is not usable")?;
+    lake.check_writable().await?;
+    let client = config.nats.connect().await?;
+    let js = jetstream::new(client.clone());
+    medallion_bus::ensure_streams(&js, &config.streams)
+        .await
+        .context("declaring the JetStream streams")?;
+    let metrics = PipelineMetrics::register(&rt.registry)?;
+    let addr = rt.serve_http(config.addr, axum::Router::new()).await?;
+    info!(%addr, lake = %lake.root(), products = %config.products.display(), "aggregate started");
+    let consumer = medallion_bus::consumer::stage_consumer(
+        &js,
+        SILVER_STREAM,
+        APP_ID,
+        "medallion.silver.>",
+        config.ack_wait,
+    )
+    .await
+    .context("creating the silver consumer")?;
+    let mut messages = consumer.messages().await.context("pulling silver events")?;
+    let mut a = Aggregate {
+        lake,
+        js,
+        max_payload: medallion_bus::max_payload(&client),
+        products: Products::new(config.products.clone()),
+        states: HashMap::new(),
+        metrics,
+        rt: rt.clone(),
+    };
+    a.reload().await;
+    rt.health.set_started();
+    let mut tick = tokio::time::interval(config.reload_interval);
+    loop {
+        tokio::select! {
+            _ = rt.shutdown.cancelled() => break,
+            _ = tick.tick() => {
+                a.reload().await;
+                let ids: Vec<ProductId> = a.products.contracts.keys().cloned().collect();
+                for id in ids {
+                    a.catch_up(&id, &mut BTreeMap::new(), &[]).await;
+                }
+            }
+            batch = next_batch(&mut messages, config.batch, &rt.shutdown) => match batch {
+                Batch::Shutdown => break,
+                Batch::Messages(msgs) => a.on_events(msgs).await,
+                Batch::Broken(msgs, e) => {
+                    warn!(error = %e, "silver event stream interrupted; re-subscribing");
+                    a.on_events(msgs).await;
+                    match consumer.messages().await {
+                        Ok(m) => messages = m,
+                        Err(_) => tokio::time::sleep(Duration::from_secs(1)).await,
+                    }
+                }
+            }
+        }
+    }
+    info!("aggregate stopping: flushing NATS");
+    let _ = client.flush().await;
+    Ok(())
+}
+
+struct Aggregate {
+    lake: Lake,
+    js: jetstream::Context,
+    max_payload: usize,
+    products: Products,
+    states: HashMap<ProductId, Vec<GoldTable>>,
+    metrics: PipelineMetrics,
+    rt: Runtime,
+}
+
+/// One Gold table: its writer, its in-memory groups, and which data file
+/// holds each bucket.
+struct GoldTable {
+    writer: TableWriter,
+    state: GoldState,
+    files: Vec<Vec<FileInfo>>,
+    /// Last Silver version merged (the table's transaction version).
+    processed: i64,
+}
+
+impl Aggregate {
+    async fn reload(&mut self) {
+        let changes = self.products.reload(|_| Ok(()), 0).await;
+        for id in changes.updated.iter().chain(changes.removed.iter()) {
+            self.states.remove(id);
+        }
+    }
+
+    async fn on_events(&mut self, msgs: Vec<jetstream::Message>) {
+        let mut fast: HashMap<ProductId, BTreeMap<i64, Vec<RecordBatch>>> = HashMap::new();
+        let mut links: HashMap<ProductId, Vec<String>> = HashMap::new();
+        for m in &msgs {
+            let Ok(part) = EventPart::parse(&m.subject, m.headers.as_ref(), m.payload.clone())
+            else {
+                continue;
+            };
+            let id = (part.table.domain.clone(), part.table.name.clone());
+            let versions = fast.entry(id.clone()).or_default();
+            links
+                .entry(id)
+                .or_default()
+                .extend(part.links.iter().cloned());
+            if part.parts == 1
+                && !part.in_table
+                && part.operation == Operation::Append
+                && let Ok((_, batches)) = medallion_bus::codec::decode(&part.payload)
+            {
+                versions.insert(part.version, batches);
+            }
+        }
+        for (id, mut versions) in fast {
+            if self.products.contracts.contains_key(&id) {
+                let l = links.remove(&id).unwrap_or_default();
+                self.catch_up(&id, &mut versions, &l).await;
+            }
+        }
+        for m in msgs {
+            let _ = m.ack().await;
+        }
+    }
+
+    async fn open(&mut self, id: &ProductId) -> bool {
+        if self.states.contains_key(id) {
+            return true;
+        }
+        let Some(contract) = self.products.contracts.get(id).cloned() else {
+            return false;
+        };
+        match open_tables(&self.lake, &contract).await {
+            Ok(t) => {
+                self.rt
+                    .health
+                    .clear_problem(&format!("gold {}.{}", id.0, id.1));
+                self.states.insert(id.clone(), t);
+                true
+            }
+            Err(e) => {
+                warn!(product = %format!("{}.{}", id.0, id.1), error = %e, "cannot open gold tables");
+                self.rt
+                    .health
+                    .set_problem(format!("gold {}.{}", id.0, id.1), e);
+                false
+            }
+        }
+    }
+
+    async fn catch_up(
+        &mut self,
+        id: &ProductId,
+        fast: &mut BTreeMap<i64, Vec<RecordBatch>>,
+        links: &[String],
+    ) {
+        let silver_ref = TableRef::silver(&id.0, &id.1);
+        let Ok(Some(silver)) = medallion_lake::open_table(&self.lake, &silver_ref).await else {
+            return;
+        };
+        let latest = silver.version().map(|v| v as i64).unwrap_or(-1);
+        if !self.open(id).await {
+            return;
+        }
+        let (js, max_payload, metrics, lake) = (
+            self.js.clone(),
+            self.max_payload,
+            self.metrics.clone(),
+            self.lake.clone(),
+        );
+        let product = format!("{}.{}", id.0, id.1);
+        let tables = self.states.get_mut(id).expect("opened above");
+        for t in tables.iter_mut() {
+            while t.processed < latest {
+                let span = info_span!("gold.commit", product, layer = LAYER, table = %t.writer.table_ref(), rows = tracing::field::Empty, version = tracing::field::Empty);
+                let _links = medallion_bus::trace::continue_traces(
+                    "aggregate.message",
+                    links.iter().map(String::as_str),
+                    &span,
+                );
+                match advance(
+                    &lake,
+                    t,
+                    &silver,
+                    &silver_ref,
+                    latest,
+                    fast,
+                    &js,
+                    max_payload,
+                    &metrics,
+                )
+                .instrument(span)
+                .await
+                {
+                    Ok(()) => {}
+                    Err(e) => {
+                        metrics
+                            .errors
+                            .with_label_values(&["aggregate", "commit"])
+                            .inc();
+                        warn!(product, error = %e, "gold commit failed; retrying from the tables");
+                        self.rt.health.set_problem(format!("gold {product}"), e);
+                        self.states.remove(id);
+                        return;
+                    }
+                }
+            }
+        }
+        self.rt.health.clear_problem(&format!("gold {product}"));
+    }
+}
+
+/// Merges the next Silver versions into one Gold table and commits the
+/// touched buckets.
+#[allow(clippy::too_many_arguments)]
+async fn advance(
+    lake: &Lake,
+    t: &mut GoldTable,
+    silver: &deltalake::DeltaTable,
+    silver_ref: &TableRef,
+    latest: i64,
+    fast: &BTreeMap<i64, Vec<RecordBatch>>,
+    js: &jetstream::Context,
+    max_payload: usize,
+    metrics: &PipelineMetrics,
+) -> Result<(), String> {
+    let started = Instant::now();
+    let mut rows = Vec::new();
+    let mut last = t.processed;
+    let mut refresh = false;
+    let mut n = 0usize;
+    for v in (t.processed + 1)..=latest {
+        let batches = match fast.get(&v) {
+            Some(b) => b.clone(),
+            None => match read_commit(silver_ref, silver, v)
+                .await
+                .map_err(|e| e.to_string())?
+            {
+                Some(c) if c.removed_data => {
+                    // Silver was rebuilt (replay): Gold is recomputed from it.
+                    refresh = true;
+                    last = v;
+                    break;
+                }
+                Some(c) => c.batches,
+                None => Vec::new(),
+            },
+        };
+        n += batches.iter().map(|b| b.num_rows()).sum::<usize>();
+        rows.extend(batches);
+        last = v;
+        if n >= 200_000 {
+            break;
+        }
+    }
+    let (mode, buckets, touched) = if refresh {
+        let table = medallion_lake::open_at(lake, silver_ref, Some(last))
+            .await
+            .map_err(|e| e.to_string())?
+            .ok_or("silver table vanished")?;
+        let all = read_all(silver_ref, &table)
+            .await
+            .map_err(|e| e.to_string())?;
+        t.state.clear();
+        let partials = t.state.partials(&all).await.map_err(|e| e.to_string())?;
+        let (_, touched) = t.state.merge(&partials);
+        info!(table = %t.writer.table_ref(), silver_version = last, "silver was rebuilt: full refresh of gold");
+        (
+            WriteMode::Overwrite,
+            (0..BUCKETS).collect::<std::collections::BTreeSet<_>>(),
+            touched,
+        )
+    } else {
+        let partials = t.state.partials(&rows).await.map_err(|e| e.to_string())?;
+        let (buckets, touched) = t.state.merge(&partials);
+        let removes = buckets
+            .iter()
+            .flat_map(|b| t.files[*b].iter().map(|f| f.remove.clone()))
+            .collect();
+        (WriteMode::Replace(removes), buckets, touched)
+    };
+    let groups: Vec<Vec<RecordBatch>> = buckets
+        .iter()
+        .map(|b| vec![t.state.bucket_rows(*b)])
+        .collect();
+    failpoint::hit("aggregate.before_commit");
+    let outcome = t
+        .writer
+        .commit_files(
+            &groups,
+            last,
+            mode,
+            &[("medallion.silver_version", last.into())],
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    let version = match outcome {
+        CommitOutcome::Committed(v) => v,
+        CommitOutcome::AlreadyCommitted(_) => {
+            return Err("gold already has this silver version".into());
+        }
+    };
+    t.processed = last;
+    t.files = bucket_files(&t.writer, &t.state).await?;
+    let tref = t.writer.table_ref().clone();
+    tracing::Span::current()
+        .record("rows", touched.len())
+        .record("version", version);
+    metrics
+        .commit_seconds
+        .with_label_values(&[LAYER])
+        .observe(started.elapsed().as_secs_f64());
+    metrics
+        .rows_out
+        .with_label_values(&[LAYER, &tref.name])
+        .inc_by(touched.len() as u64);
+    metrics.committed(&tref.sql_name(), version);
+    info!(table = %tref, groups = touched.len(), version, silver_version = last, "gold.commit");
+    let changed = t.state.rows_of(&touched);
+    let commit = Commit {
+        table: &tref,
+        version,
+        operation: Operation::Append,
+        schema: t.state.table_schema.clone(),
+        batches: std::slice::from_ref(&changed),
+        links: &[],
+    };
+    if let Err(e) = publish_commit(js, commit, max_payload).await {
+        warn!(table = %tref, version, error = %e, "gold event not published");
+    } else {
+        metrics.events_published.with_label_values(&[LAYER]).inc();
+    }
+    Ok(())
+}
+
+/// Which files hold which bucket: every row of a file belongs to one bucket.
+async fn bucket_files(
+    writer: &TableWriter,
+    state: &GoldState,
+) -> Result<Vec<Vec<FileInfo>>, String> {
+    let mut out = vec![Vec::new(); BUCKETS];
+    let store = writer.table().log_store().object_store(None);
+    for f in writer.files().await.map_err(|e| e.to_string())? {
+        let batches = medallion_lake::read_parquet(&store, &f.path)
+            .await
+            .map_err(|e| e.to_string())?;
+        let Some(b) = batches.iter().find(|b| b.num_rows() > 0) else {
+            continue;
+        };
+        let key = state_key(state, b);
+        out[bucket_of(&key)].push(f);
+    }
+    Ok(out)
+}
+
+fn state_key(state: &GoldState, b: &RecordBatch) -> Vec<u8> {
+    let cols: Vec<arrow::array::ArrayRef> = state
+        .plan
+        .keys
+        .iter()
+        .map(|k| {
+            b.column(state.table_schema.index_of(&k.name).expect("key column"))
+                .slice(0, 1)
+        })
+        .collect();
+    let conv = arrow::row::RowConverter::new(
+        state
+            .plan
+            .keys
+            .iter()
+            .map(|k| arrow::row::SortField::new(k.data_type.clone()))
+            .collect(),
+    )
+    .expect("row-encodable");
+    conv.convert_columns(&cols)
+        .expect("row-encodable")
+        .row(0)
+        .as_ref()
+        .to_vec()
+}
+
+async fn open_tables(lake: &Lake, contract: &Arc<Contract>) -> Result<Vec<GoldTable>, String> {
+    let mut out = Vec::new();
+    for plan in &contract.gold {
+        let tref = TableRef::gold(contract.domain(), &plan.name);
+        let state = GoldState::new(plan.clone());
+        let options = TableOptions {
+            description: Some(format!(
+                "{} — maintained incrementally from silver.{}.{}",
+                plan.sql.trim(),
+                contract.domain(),
+                contract.name()
+            )),
+            append_only: false,
+            partition_columns: vec![],
+        };
+        let writer =
+            TableWriter::open_or_create(lake, &tref, state.table_schema.clone(), APP_ID, &options)
+                .await
+                .map_err(|e| e.to_string())?;
+        let mut t = GoldTable {
+            processed: writer.txn_version().unwrap_or(-1),
+            writer,
+            state,
+            files: vec![Vec::new(); BUCKETS],
+        };
+        let all = read_all(&tref, t.writer.table())
+            .await
+            .map_err(|e| e.to_string())?;
+        for b in &all {
+            t.state.load_rows(b);
+        }
+        t.files = bucket_files(&t.writer, &t.state).await?;
+        info!(table = %tref, groups = t.state.groups(), silver_version = t.processed, "gold state loaded");
+        out.push(t);
+    }
+    Ok(out)
+}
