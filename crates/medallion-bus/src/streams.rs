@@ -134,14 +134,26 @@ fn base(s: &StreamSettings) -> Config {
 }
 
 async fn ensure(js: &jetstream::Context, config: Config) -> Result<(), BusError> {
-    let name = config.name.clone();
-    js.create_or_update_stream(config)
-        .await
-        .map_err(|e| BusError::Stream {
-            stream: name,
-            message: e.to_string(),
-        })?;
-    Ok(())
+    // Services start together and declare the same streams at once; the
+    // server's update-then-create can then race ("already in use"). The
+    // configs are identical, so retrying settles it.
+    let mut attempt = 0;
+    loop {
+        match js.create_or_update_stream(config.clone()).await {
+            Ok(_) => return Ok(()),
+            Err(e) if attempt < 5 => {
+                attempt += 1;
+                tracing::debug!(stream = %config.name, error = %e, attempt, "stream declaration raced; retrying");
+                tokio::time::sleep(std::time::Duration::from_millis(50 * attempt)).await;
+            }
+            Err(e) => {
+                return Err(BusError::Stream {
+                    stream: config.name.clone(),
+                    message: e.to_string(),
+                });
+            }
+        }
+    }
 }
 
 impl StreamSettings {

@@ -4,6 +4,7 @@ pub mod commits;
 mod error;
 mod location;
 mod object_stores;
+pub mod query;
 pub mod writer;
 
 pub use commits::{CommitRows, open_at, read_all, read_commit, read_parquet};
