@@ -1,0 +1,480 @@
+//! The catalog HTTP API. Every request is authenticated, and every request —
+//! allowed or denied — is appended to the audit stream.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use medallion_lake::Lake;
+use medallion_lake::query::{Grant, run_query, session};
+use medallion_spec::folder::Products;
+use medallion_spec::{Contract, TableRef};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio::sync::RwLock;
+
+use crate::access::{can_see_product, grants_for};
+use crate::audit::{Audit, AuditRecord};
+use crate::auth::{Caller, Verifier};
+
+pub struct AppState {
+    pub lake: Lake,
+    pub products: RwLock<Products>,
+    pub verifier: Verifier,
+    pub audit: Audit,
+    pub row_limit: usize,
+    pub query_timeout: Duration,
+}
+
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/v1/products", get(list_products))
+        .route("/v1/products/{domain}/{product}", get(get_product))
+        .route("/v1/products/{domain}/{product}/lineage", get(lineage))
+        .route("/v1/tables/{layer}/{domain}/{table}", get(table_info))
+        .route("/v1/query", post(query))
+        .route("/v1/audit", get(audit_log))
+        .with_state(state)
+}
+
+struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(json!({"error": self.1}))).into_response()
+    }
+}
+
+type ApiResult = Result<Json<Value>, ApiError>;
+
+/// Authenticates; a failure is audited and answered 401.
+async fn caller(
+    s: &AppState,
+    headers: &HeaderMap,
+    action: &str,
+    target: &str,
+) -> Result<Caller, ApiError> {
+    let auth = headers.get("authorization").and_then(|v| v.to_str().ok());
+    match s.verifier.verify(auth) {
+        Ok(c) => Ok(c),
+        Err(reason) => {
+            s.audit
+                .record(AuditRecord::denied(
+                    "<unauthenticated>",
+                    action,
+                    target,
+                    &reason,
+                ))
+                .await;
+            Err(ApiError(StatusCode::UNAUTHORIZED, reason))
+        }
+    }
+}
+
+async fn deny(s: &AppState, c: &Caller, action: &str, target: &str, reason: String) -> ApiError {
+    s.audit
+        .record(AuditRecord::denied(&c.user, action, target, &reason))
+        .await;
+    ApiError(StatusCode::FORBIDDEN, reason)
+}
+
+async fn list_products(
+    State(s): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Query(q): Query<Search>,
+) -> ApiResult {
+    let c = caller(&s, &headers, "list_products", "*").await?;
+    let products = s.products.read().await;
+    let mut out = Vec::new();
+    for contract in products.contracts.values() {
+        if !can_see_product(&c, contract) || !q.matches(contract) {
+            continue;
+        }
+        out.push(product_summary(&s.lake, &c, contract).await);
+    }
+    s.audit
+        .record(AuditRecord::allowed(
+            &c.user,
+            "list_products",
+            "*",
+            None,
+            Some(out.len()),
+        ))
+        .await;
+    Ok(Json(json!({ "products": out })))
+}
+
+#[derive(Deserialize, Default)]
+struct Search {
+    q: Option<String>,
+    domain: Option<String>,
+    tag: Option<String>,
+    owner: Option<String>,
+}
+
+impl Search {
+    fn matches(&self, c: &Contract) -> bool {
+        let spec = &c.product.spec;
+        self.domain.as_ref().is_none_or(|d| d == c.domain())
+            && self.tag.as_ref().is_none_or(|t| spec.tags.contains(t))
+            && self.owner.as_ref().is_none_or(|o| &spec.owner == o)
+            && self.q.as_ref().is_none_or(|q| {
+                let q = q.to_lowercase();
+                c.name().contains(&q) || spec.description.to_lowercase().contains(&q)
+            })
+    }
+}
+
+async fn product_summary(lake: &Lake, c: &Caller, contract: &Contract) -> Value {
+    let mut tables = Vec::new();
+    for g in grants_for(c, contract) {
+        tables.push(table_summary(lake, &g.table, contract).await);
+    }
+    let spec = &contract.product.spec;
+    json!({
+        "domain": contract.domain(),
+        "name": contract.name(),
+        "owner": spec.owner,
+        "description": spec.description,
+        "tags": spec.tags,
+        "tables": tables,
+    })
+}
+
+async fn table_summary(lake: &Lake, t: &TableRef, contract: &Contract) -> Value {
+    let Ok(Some(table)) = medallion_lake::open_at(lake, t, None).await else {
+        return json!({"name": t.sql_name(), "exists": false});
+    };
+    let version = table.version().map(|v| v as i64).unwrap_or(-1);
+    let rows: usize = medallion_lake::list_files(t, &table)
+        .await
+        .map(|f| f.iter().map(|f| f.num_records.unwrap_or(0)).sum())
+        .unwrap_or(0);
+    let last_ms = medallion_lake::read_commit(t, &table, version)
+        .await
+        .ok()
+        .flatten()
+        .and_then(|c| c.timestamp);
+    let age = last_ms.map(|ms| (chrono::Utc::now().timestamp_millis() - ms).max(0) as f64 / 1000.0);
+    let freshness = match (contract.freshness, age) {
+        (Some(sla), Some(age)) => Some(if age <= sla.as_secs_f64() {
+            "fresh"
+        } else {
+            "stale"
+        }),
+        _ => None,
+    };
+    let schema = medallion_lake::table_schema(t, &table)
+        .map(|s| s.fields().iter().map(|f| json!({"name": f.name(), "type": f.data_type().to_string(), "nullable": f.is_nullable()})).collect::<Vec<_>>())
+        .unwrap_or_default();
+    json!({
+        "name": t.sql_name(),
+        "layer": t.layer.as_str(),
+        "exists": true,
+        "version": version,
+        "rows": rows,
+        "last_commit": last_ms.and_then(chrono::DateTime::from_timestamp_millis).map(|d| d.to_rfc3339()),
+        "age_seconds": age,
+        "freshness": freshness,
+        "schema": schema,
+    })
+}
+
+fn find<'a>(p: &'a Products, d: &str, name: &str) -> Option<&'a Arc<Contract>> {
+    p.contracts.get(&(d.to_string(), name.to_string()))
+}
+
+async fn get_product(
+    State(s): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path((d, p)): Path<(String, String)>,
+) -> ApiResult {
+    let target = format!("{d}.{p}");
+    let c = caller(&s, &headers, "get_product", &target).await?;
+    let products = s.products.read().await;
+    let contract = find(&products, &d, &p)
+        .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no product {target}")))?;
+    if !can_see_product(&c, contract) {
+        return Err(deny(
+            &s,
+            &c,
+            "get_product",
+            &target,
+            format!("no role of yours is granted {target}"),
+        )
+        .await);
+    }
+    let mut summary = product_summary(&s.lake, &c, contract).await;
+    summary["spec"] = serde_json::to_value(&contract.product).unwrap_or(Value::Null);
+    s.audit
+        .record(AuditRecord::allowed(
+            &c.user,
+            "get_product",
+            &target,
+            None,
+            None,
+        ))
+        .await;
+    Ok(Json(summary))
+}
+
+async fn lineage(
+    State(s): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path((d, p)): Path<(String, String)>,
+) -> ApiResult {
+    let target = format!("{d}.{p}");
+    let c = caller(&s, &headers, "lineage", &target).await?;
+    let products = s.products.read().await;
+    let contract = find(&products, &d, &p)
+        .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no product {target}")))?;
+    if !can_see_product(&c, contract) {
+        return Err(deny(
+            &s,
+            &c,
+            "lineage",
+            &target,
+            format!("no role of yours is granted {target}"),
+        )
+        .await);
+    }
+    let subject = medallion_spec::ingest_subject(&d, &p);
+    let (bronze, silver, quarantine) = (
+        TableRef::bronze(&d, &p).sql_name(),
+        TableRef::silver(&d, &p).sql_name(),
+        TableRef::quarantine(&d, &p).sql_name(),
+    );
+    let mut edges = vec![
+        json!({"from": format!("nats:{subject}"), "to": bronze, "by": "medallion-ingest"}),
+        json!({"from": bronze, "to": silver, "by": "medallion-transform"}),
+        json!({"from": bronze, "to": quarantine, "by": "medallion-transform"}),
+    ];
+    let mut columns = Vec::new();
+    for g in &contract.gold {
+        let gold = TableRef::gold(&d, &g.name).sql_name();
+        edges.push(
+            json!({"from": silver, "to": gold, "by": "medallion-aggregate", "sql": g.sql.trim()}),
+        );
+        for l in &g.lineage {
+            columns.push(json!({"table": gold, "column": l.column, "sources": l.sources.iter().map(|s| format!("{silver}.{s}")).collect::<Vec<_>>(), "transformation": l.transformation}));
+        }
+    }
+    s.audit
+        .record(AuditRecord::allowed(
+            &c.user, "lineage", &target, None, None,
+        ))
+        .await;
+    Ok(Json(
+        json!({"product": target, "edges": edges, "columns": columns}),
+    ))
+}
+
+async fn table_info(
+    State(s): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path((layer, d, t)): Path<(String, String, String)>,
+) -> ApiResult {
+    let target = format!("{layer}.{d}.{t}");
+    let c = caller(&s, &headers, "table", &target).await?;
+    let tref = TableRef::parse(&target).ok_or_else(|| {
+        ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("{target} is not <layer>.<domain>.<table>"),
+        )
+    })?;
+    let products = s.products.read().await;
+    let found = products.contracts.values().find_map(|contract| {
+        grants_for(&c, contract)
+            .into_iter()
+            .find(|g| g.table == tref)
+            .map(|_| contract.clone())
+    });
+    let Some(contract) = found else {
+        return Err(deny(
+            &s,
+            &c,
+            "table",
+            &target,
+            format!("{target} is not granted to your roles (or does not exist)"),
+        )
+        .await);
+    };
+    s.audit
+        .record(AuditRecord::allowed(&c.user, "table", &target, None, None))
+        .await;
+    Ok(Json(table_summary(&s.lake, &tref, &contract).await))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct QueryRequest {
+    sql: String,
+    #[serde(default)]
+    version: Option<i64>,
+}
+
+async fn query(
+    State(s): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Json(req): Json<QueryRequest>,
+) -> ApiResult {
+    let c = caller(&s, &headers, "query", &req.sql).await?;
+    let grants: Vec<Grant> = {
+        let products = s.products.read().await;
+        products
+            .contracts
+            .values()
+            .flat_map(|contract| grants_for(&c, contract))
+            .collect()
+    };
+    // Name the table the caller may not read instead of "not found".
+    let referenced =
+        referenced_tables(&req.sql).map_err(|e| ApiError(StatusCode::BAD_REQUEST, e))?;
+    for r in &referenced {
+        if !grants.iter().any(|g| g.table.sql_name() == *r) {
+            return Err(deny(
+                &s,
+                &c,
+                "query",
+                &req.sql,
+                format!("{r} is not granted to your roles (or does not exist)"),
+            )
+            .await);
+        }
+    }
+    let ctx = session(&s.lake, &grants, req.version)
+        .await
+        .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.to_string()))?;
+    let batches = tokio::time::timeout(s.query_timeout, run_query(&ctx, &req.sql, s.row_limit))
+        .await
+        .map_err(|_| {
+            ApiError(
+                StatusCode::BAD_REQUEST,
+                format!("query exceeded {:?}", s.query_timeout),
+            )
+        })?
+        .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.to_string()))?;
+    let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
+    let mut w = arrow_json::ArrayWriter::new(Vec::new());
+    for b in &batches {
+        w.write(b)
+            .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    }
+    w.finish()
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    let body = w.into_inner();
+    let data: Value = if body.is_empty() {
+        json!([])
+    } else {
+        serde_json::from_slice(&body).unwrap_or(json!([]))
+    };
+    let columns: Vec<String> = batches
+        .first()
+        .map(|b| {
+            b.schema()
+                .fields()
+                .iter()
+                .map(|f| f.name().clone())
+                .collect()
+        })
+        .unwrap_or_default();
+    s.audit
+        .record(AuditRecord::allowed(
+            &c.user,
+            "query",
+            &req.sql,
+            req.version,
+            Some(rows),
+        ))
+        .await;
+    Ok(Json(
+        json!({"columns": columns, "rows": data, "row_count": rows, "truncated": rows >= s.row_limit}),
+    ))
+}
+
+/// `layer.domain.table` names the SQL reads.
+fn referenced_tables(sql: &str) -> Result<Vec<String>, String> {
+    let dialect = datafusion::sql::sqlparser::dialect::GenericDialect {};
+    let statements = datafusion::sql::parser::DFParser::parse_sql_with_dialect(sql, &dialect)
+        .map_err(|e| e.to_string())?;
+    let ctx = datafusion::prelude::SessionContext::new();
+    let mut out = Vec::new();
+    for st in statements {
+        let refs = ctx
+            .state()
+            .resolve_table_references(&st)
+            .map_err(|e| e.to_string())?;
+        for r in refs {
+            let name = match &r {
+                datafusion::common::TableReference::Full {
+                    catalog,
+                    schema,
+                    table,
+                } => format!("{catalog}.{schema}.{table}"),
+                other => other.to_string(),
+            };
+            out.push(name);
+        }
+    }
+    Ok(out)
+}
+
+#[derive(Deserialize)]
+struct AuditQuery {
+    user: Option<String>,
+    product: Option<String>,
+    since: Option<String>,
+    #[serde(default)]
+    limit: Option<usize>,
+}
+
+async fn audit_log(
+    State(s): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Query(q): Query<AuditQuery>,
+) -> ApiResult {
+    let c = caller(&s, &headers, "audit", "*").await?;
+    if !c.is_admin() {
+        return Err(deny(
+            &s,
+            &c,
+            "audit",
+            "*",
+            "reading the audit log needs the admin role".into(),
+        )
+        .await);
+    }
+    let since = q
+        .since
+        .as_deref()
+        .map(|t| {
+            chrono::DateTime::parse_from_rfc3339(t)
+                .map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("since: {e}; use RFC 3339")))
+        })
+        .transpose()?;
+    let records = s
+        .audit
+        .read(q.limit.unwrap_or(1000).min(10_000), |r| {
+            q.user.as_ref().is_none_or(|u| &r.user == u)
+                && q.product
+                    .as_ref()
+                    .is_none_or(|p| r.target.contains(p.as_str()))
+                && since.is_none_or(|t| r.at >= t.with_timezone(&chrono::Utc))
+        })
+        .await
+        .map_err(|e| ApiError(StatusCode::SERVICE_UNAVAILABLE, e))?;
+    s.audit
+        .record(AuditRecord::allowed(
+            &c.user,
+            "audit",
+            "*",
+            None,
+            Some(records.len()),
+        ))
+        .await;
+    Ok(Json(json!({ "records": records })))
+}
