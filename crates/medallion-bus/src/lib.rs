@@ -20,3 +20,14 @@ pub use streams::{StreamSettings, ensure_streams};
 pub fn max_payload(client: &async_nats::Client) -> usize {
     client.server_info().max_payload
 }
+
+/// Connects and declares every stream: the first step of each service.
+pub async fn connect_and_declare(
+    nats: &NatsSettings,
+    streams: &StreamSettings,
+) -> Result<(async_nats::Client, async_nats::jetstream::Context), BusError> {
+    let client = nats.connect().await?;
+    let js = async_nats::jetstream::new(client.clone());
+    ensure_streams(&js, streams).await?;
+    Ok((client, js))
+}

@@ -15,19 +15,10 @@ fn medallion(args: &[&str], nats: &str, lake: &std::path::Path) -> String {
         ])
         .args(args)
         .env_remove("MEDALLION_LOG")
-        // Not the default ports: a developer's `medallion up` may hold them.
-        .env(
-            "MEDALLION_INGEST_ADDR",
-            format!("127.0.0.1:{}", free_port()),
-        )
-        .env(
-            "MEDALLION_TRANSFORM_ADDR",
-            format!("127.0.0.1:{}", free_port()),
-        )
-        .env(
-            "MEDALLION_AGGREGATE_ADDR",
-            format!("127.0.0.1:{}", free_port()),
-        )
+        // Not the default ports (a developer's `medallion up` may hold them): the OS picks.
+        .env("MEDALLION_INGEST_ADDR", "127.0.0.1:0")
+        .env("MEDALLION_TRANSFORM_ADDR", "127.0.0.1:0")
+        .env("MEDALLION_AGGREGATE_ADDR", "127.0.0.1:0")
         .output()
         .expect("run medallion");
     let stdout = String::from_utf8_lossy(&out.stdout).to_string();

@@ -95,8 +95,13 @@ impl Lake {
     /// bucket is reported at start rather than at the first commit.
     pub async fn check_writable(&self) -> Result<(), LakeError> {
         if let Some(dir) = self.local_path() {
-            let probe = dir.join(format!(".medallion-write-check-{}", std::process::id()));
-            std::fs::write(&probe, b"ok")
+            // Unique per call: services sharing a process (the CLI, tests)
+            // check at the same moment and must not delete each other's probe.
+            static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+            let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let probe = dir.join(format!(".medallion-write-check-{}-{n}", std::process::id()));
+            std::fs::create_dir_all(&dir)
+                .and_then(|_| std::fs::write(&probe, b"ok"))
                 .and_then(|_| std::fs::remove_file(&probe))
                 .map_err(|e| LakeError::Location {
                     location: dir.display().to_string(),

@@ -177,3 +177,25 @@ where
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// Rows of the Delta table at `path` as read by Python's `deltalake` (another
+/// Delta implementation than ours); panics with Python's error otherwise.
+pub fn rows_read_by_python_deltalake(path: &Path) -> usize {
+    let out = Command::new("python3")
+        .arg("-c")
+        // os._exit: deltalake 1.6 aborts in its runtime teardown at interpreter exit.
+        .arg("import os, sys, deltalake; print(deltalake.DeltaTable(sys.argv[1]).to_pyarrow_table().num_rows, flush=True); os._exit(0)")
+        .arg(path)
+        .output()
+        .expect("python3 with the deltalake package (see .ci/run)");
+    assert!(
+        out.status.success(),
+        "python deltalake on {}: {}",
+        path.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .expect("a row count")
+}

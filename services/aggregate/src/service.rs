@@ -30,11 +30,9 @@ pub async fn run(config: AggregateConfig, rt: Runtime) -> anyhow::Result<()> {
         .clone()
         .context("MEDALLION_LAKE is not usable")?;
     lake.check_writable().await?;
-    let client = config.nats.connect().await?;
-    let js = jetstream::new(client.clone());
-    medallion_bus::ensure_streams(&js, &config.streams)
+    let (client, js) = medallion_bus::connect_and_declare(&config.nats, &config.streams)
         .await
-        .context("declaring the JetStream streams")?;
+        .context("connecting to NATS and declaring the streams")?;
     let metrics = PipelineMetrics::register(&rt.registry)?;
     let addr = rt.serve_http(config.addr, axum::Router::new()).await?;
     info!(%addr, lake = %lake.root(), products = %config.products.display(), "aggregate started");

@@ -14,7 +14,7 @@ use bytes::Bytes;
 use medallion_lake::{Lake, open_at, read_all};
 use medallion_runtime::{EnvReader, Runtime};
 use medallion_spec::TableRef;
-use medallion_testkit::{NatsServer, eventually, free_port};
+use medallion_testkit::{NatsServer, eventually};
 
 fn vars(
     nats: &NatsServer,
@@ -35,7 +35,8 @@ fn vars(
         ),
         ("MEDALLION_BATCH_WAIT".to_string(), "50ms".to_string()),
         ("MEDALLION_RELOAD_INTERVAL".to_string(), "300ms".to_string()),
-        (addr_var.to_string(), format!("127.0.0.1:{}", free_port())),
+        // Port 0: the OS picks, so parallel tests never collide.
+        (addr_var.to_string(), "127.0.0.1:0".to_string()),
     ]
     .into_iter()
     .collect()
@@ -226,21 +227,12 @@ async fn gold_equals_an_independent_aggregate_after_kill_9() {
     .await;
 
     // Another Delta implementation reads Gold.
-    let out = Command::new("python3")
-        .arg("-c")
-        .arg("import os, sys, deltalake; print(deltalake.DeltaTable(sys.argv[1]).to_pyarrow_table().num_rows, flush=True); os._exit(0)")
-        .arg(lake_dir.path().join("gold/finance/revenue_by_country_hourly"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let n = medallion_testkit::rows_read_by_python_deltalake(
+        &lake_dir
+            .path()
+            .join("gold/finance/revenue_by_country_hourly"),
     );
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout).trim(),
-        want.len().to_string()
-    );
+    assert_eq!(n, want.len());
 
     // Replay Silver: Gold is refreshed from it and still equal.
     let before = open_at(&lake, &gold, None)

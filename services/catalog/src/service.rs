@@ -1,7 +1,6 @@
 use std::sync::Arc;
 
 use anyhow::Context as _;
-use async_nats::jetstream;
 use medallion_runtime::Runtime;
 use medallion_spec::folder::Products;
 use tokio::sync::RwLock;
@@ -20,11 +19,9 @@ pub async fn run(config: CatalogConfig, rt: Runtime) -> anyhow::Result<()> {
         .verifier
         .clone()
         .context("no token verifier configured")?;
-    let client = config.nats.connect().await?;
-    let js = jetstream::new(client.clone());
-    medallion_bus::ensure_streams(&js, &config.streams)
+    let (client, js) = medallion_bus::connect_and_declare(&config.nats, &config.streams)
         .await
-        .context("declaring the JetStream streams")?;
+        .context("connecting to NATS and declaring the streams")?;
     let mut products = Products::new(config.products.clone());
     products.reload(|_| Ok(()), 0).await;
     let state = Arc::new(AppState {

@@ -61,7 +61,10 @@ impl Api {
         if let Some(b) = body {
             req = req.json(&b);
         }
-        let resp = req.send().await.unwrap();
+        // Status 0 = not listening yet (the catalog is still starting).
+        let Ok(resp) = req.send().await else {
+            return (0, Value::Null);
+        };
         let status = resp.status().as_u16();
         (status, resp.json().await.unwrap_or(Value::Null))
     }
@@ -97,6 +100,13 @@ fn b64(v: &Value) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn governance_end_to_end() {
     medallion_runtime::install_crypto_provider();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            std::env::var("MEDALLION_LOG")
+                .unwrap_or_else(|_| "warn,deltalake_core=error,buoyant_kernel=off".into()),
+        )
+        .with_test_writer()
+        .try_init();
     let nats = NatsServer::start();
     let lake = tempfile::tempdir().unwrap();
     let products = tempfile::tempdir().unwrap();
@@ -114,17 +124,17 @@ async fn governance_end_to_end() {
     let mut runtimes = Vec::new();
     macro_rules! start {
         ($krate:ident, $cfg:ident, $name:literal, $addr:literal) => {{
-            let mut r = EnvReader::from_map(vars(
-                &nats,
-                lake.path(),
-                products.path(),
-                $addr,
-                free_port(),
-            ));
+            let mut r = EnvReader::from_map(vars(&nats, lake.path(), products.path(), $addr, 0));
             let c = $krate::$cfg::from_env(&mut r);
             r.finish().unwrap();
             let rt = Runtime::new($name);
-            tokio::spawn($krate::run(c, rt.clone()));
+            let fut = $krate::run(c, rt.clone());
+            tokio::spawn(async move {
+                // A service that stops on its own fails the test with its reason.
+                if let Err(e) = fut.await {
+                    panic!("{} stopped: {e:#}", $name);
+                }
+            });
             runtimes.push(rt);
         }};
     }

@@ -15,7 +15,7 @@ use medallion_ingest::IngestConfig;
 use medallion_lake::{Lake, open_at, read_all};
 use medallion_runtime::{EnvReader, Runtime};
 use medallion_spec::TableRef;
-use medallion_testkit::{NatsServer, eventually, free_port};
+use medallion_testkit::{NatsServer, eventually};
 
 fn env(
     nats: &NatsServer,
@@ -25,10 +25,7 @@ fn env(
     let mut m: BTreeMap<String, String> = [
         ("NATS_URL", nats.url()),
         ("MEDALLION_LAKE", lake.display().to_string()),
-        (
-            "MEDALLION_INGEST_ADDR",
-            format!("127.0.0.1:{}", free_port()),
-        ),
+        ("MEDALLION_INGEST_ADDR", "127.0.0.1:0".to_string()),
         ("MEDALLION_BATCH_WAIT", "100ms".to_string()),
     ]
     .into_iter()
@@ -283,22 +280,9 @@ async fn lands_every_message_once_with_bytes_untouched() {
     }
 
     // Another Delta implementation reads the same rows.
-    let out = Command::new("python3")
-        .arg("-c")
-        // os._exit: deltalake 1.6 aborts in its runtime teardown at interpreter exit.
-        .arg("import os, sys, deltalake; t = deltalake.DeltaTable(sys.argv[1]); print(t.to_pyarrow_table().num_rows, flush=True); os._exit(0)")
-        .arg(dir.path().join("bronze/shop/orders"))
-        .output()
-        .expect("python3 with the deltalake package (see .ci/run)");
-    assert!(
-        out.status.success(),
-        "python deltalake: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout).trim(),
-        expected[&orders].len().to_string()
-    );
+    let n =
+        medallion_testkit::rows_read_by_python_deltalake(&dir.path().join("bronze/shop/orders"));
+    assert_eq!(n, expected[&orders].len());
 
     rt.shutdown.cancel();
     handle.await.unwrap().unwrap();
