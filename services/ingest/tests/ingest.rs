@@ -303,7 +303,7 @@ fn spawn_binary(vars: &BTreeMap<String, String>, fail_points: Option<&str>) -> C
 }
 
 /// Kills ingest with SIGKILL at arbitrary points (and once exactly between a
-/// Delta commit and the purge) while 20k messages stream in: Bronze must end
+/// Delta commit and the purge) while 50k messages stream in: Bronze must end
 /// with every message exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn survives_kill_9_without_loss_or_duplicates() {
@@ -312,7 +312,7 @@ async fn survives_kill_9_without_loss_or_duplicates() {
     let lake = Lake::from_location(&dir.path().display().to_string()).unwrap();
     let (_client, js) = declare(&nats).await;
     let vars = env(&nats, dir.path(), &[("MEDALLION_BATCH_ROWS", "700")]);
-    const N: u32 = 20_000;
+    const N: u32 = 50_000;
 
     let producer = {
         let js = js.clone();
@@ -398,4 +398,40 @@ fn bad_configuration_is_reported_all_at_once() {
     ] {
         assert!(err.contains(needle), "error names {needle}: {err}");
     }
+}
+
+#[test]
+fn unreachable_nats_and_unwritable_lake_are_one_line_errors() {
+    let run = |vars: &[(&str, &str)]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_medallion-ingest"))
+            .env_clear()
+            .env("MEDALLION_INGEST_ADDR", "127.0.0.1:0")
+            .env("MEDALLION_LOG_FORMAT", "text")
+            .envs(vars.iter().copied())
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        let first = err.lines().next().unwrap_or_default().to_string();
+        assert!(!err.contains("panicked"), "{err}");
+        first
+    };
+    let lake = tempfile::tempdir().unwrap();
+    let first = run(&[
+        ("NATS_URL", "nats://127.0.0.1:1"),
+        ("MEDALLION_LAKE", &lake.path().display().to_string()),
+    ]);
+    assert!(
+        first.contains("cannot connect to NATS at nats://127.0.0.1:1")
+            && first.contains("NATS_URL"),
+        "{first}"
+    );
+    let first = run(&[
+        ("NATS_URL", "nats://127.0.0.1:1"),
+        ("MEDALLION_LAKE", "/proc/medallion-lake"),
+    ]);
+    assert!(
+        first.contains("MEDALLION_LAKE") && first.contains("writable directory"),
+        "{first}"
+    );
 }

@@ -307,6 +307,19 @@ impl Transform {
             return;
         }
         while state.processed < latest {
+            // A crash between the quarantine and the Silver commit leaves
+            // quarantine ahead: redo exactly that range first, so the
+            // quarantine commit is recognised as done instead of re-adding
+            // its rows under a larger transaction version.
+            let target = match state.quarantine.txn_version() {
+                Some(q)
+                    if q >> GEN_SHIFT == state.generation
+                        && (q & VERSION_MASK) > state.processed =>
+                {
+                    (q & VERSION_MASK).min(latest)
+                }
+                _ => latest,
+            };
             let product = pid(&state.contract);
             let span = info_span!(
                 "silver.batch",
@@ -321,7 +334,7 @@ impl Transform {
                 state,
                 &bronze,
                 &bronze_ref,
-                latest,
+                target,
                 fast,
                 pii_key.as_deref(),
                 max_rows,
