@@ -199,3 +199,21 @@ pub fn rows_read_by_python_deltalake(path: &Path) -> usize {
         .parse()
         .expect("a row count")
 }
+
+/// A child process killed (SIGKILL) and reaped when dropped, so a failing
+/// test never leaves a service running.
+pub struct KillOnDrop(pub Child);
+
+impl KillOnDrop {
+    /// SIGKILL now and wait for it (the crash the tests simulate).
+    pub fn kill(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

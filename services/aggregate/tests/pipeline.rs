@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use arrow::array::{Array, AsArray, RecordBatch};
@@ -14,7 +14,7 @@ use bytes::Bytes;
 use medallion_lake::{Lake, open_at, read_all};
 use medallion_runtime::{EnvReader, Runtime};
 use medallion_spec::TableRef;
-use medallion_testkit::{NatsServer, eventually};
+use medallion_testkit::{KillOnDrop, NatsServer, eventually};
 
 fn vars(
     nats: &NatsServer,
@@ -42,16 +42,18 @@ fn vars(
     .collect()
 }
 
-fn spawn_aggregate(v: &BTreeMap<String, String>) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_medallion-aggregate"))
-        .env_clear()
-        .envs(v)
-        .env_remove("MEDALLION_PII_KEY")
-        .env("MEDALLION_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap()
+fn spawn_aggregate(v: &BTreeMap<String, String>) -> KillOnDrop {
+    KillOnDrop(
+        Command::new(env!("CARGO_BIN_EXE_medallion-aggregate"))
+            .env_clear()
+            .envs(v)
+            .env_remove("MEDALLION_PII_KEY")
+            .env("MEDALLION_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    )
 }
 
 /// `(id, hour, amount, currency, country)`: the input, with re-sends and bad rows.
@@ -208,8 +210,7 @@ async fn gold_equals_an_independent_aggregate_after_kill_9() {
         .await
         .unwrap();
         if i == 20 || i == 45 {
-            aggregate.kill().unwrap();
-            aggregate.wait().unwrap();
+            aggregate.kill();
             tokio::time::sleep(Duration::from_millis(200)).await;
             aggregate = spawn_aggregate(&avars);
         }
@@ -263,8 +264,7 @@ async fn gold_equals_an_independent_aggregate_after_kill_9() {
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(gold_rows(&lake, &gold).await, want);
 
-    aggregate.kill().unwrap();
-    aggregate.wait().unwrap();
+    aggregate.kill();
     transform.shutdown.cancel();
     ingest.shutdown.cancel();
 }

@@ -1,7 +1,7 @@
 //! Ingest against a real nats-server and real Delta tables in temp dirs.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use arrow::array::{Array, AsArray, RecordBatch};
@@ -15,7 +15,7 @@ use medallion_ingest::IngestConfig;
 use medallion_lake::{Lake, open_at, read_all};
 use medallion_runtime::{EnvReader, Runtime};
 use medallion_spec::TableRef;
-use medallion_testkit::{NatsServer, eventually};
+use medallion_testkit::{KillOnDrop, NatsServer, eventually};
 
 fn env(
     nats: &NatsServer,
@@ -288,7 +288,7 @@ async fn lands_every_message_once_with_bytes_untouched() {
     handle.await.unwrap().unwrap();
 }
 
-fn spawn_binary(vars: &BTreeMap<String, String>, fail_points: Option<&str>) -> Child {
+fn spawn_binary(vars: &BTreeMap<String, String>, fail_points: Option<&str>) -> KillOnDrop {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_medallion-ingest"));
     cmd.env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
@@ -299,7 +299,7 @@ fn spawn_binary(vars: &BTreeMap<String, String>, fail_points: Option<&str>) -> C
     if let Some(fp) = fail_points {
         cmd.env("MEDALLION_FAIL_POINTS", fp);
     }
-    cmd.spawn().expect("start medallion-ingest")
+    KillOnDrop(cmd.spawn().expect("start medallion-ingest"))
 }
 
 /// Kills ingest with SIGKILL at arbitrary points (and once exactly between a
@@ -332,7 +332,7 @@ async fn survives_kill_9_without_loss_or_duplicates() {
 
     // First life ends exactly between a commit and its purge.
     let mut child = spawn_binary(&vars, Some("ingest.after_commit=exit"));
-    let status = tokio::task::spawn_blocking(move || child.wait())
+    let status = tokio::task::spawn_blocking(move || child.0.wait())
         .await
         .unwrap()
         .unwrap();
@@ -346,8 +346,7 @@ async fn survives_kill_9_without_loss_or_duplicates() {
     for round in 0..4u64 {
         let mut child = spawn_binary(&vars, None);
         tokio::time::sleep(Duration::from_millis(700 + round * 450)).await;
-        child.kill().unwrap();
-        child.wait().unwrap();
+        child.kill();
     }
     let mut child = spawn_binary(&vars, None);
     producer.await.unwrap();
@@ -359,8 +358,7 @@ async fn survives_kill_9_without_loss_or_duplicates() {
     .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let rows = bronze_rows(&lake, &tref).await;
-    child.kill().unwrap();
-    child.wait().unwrap();
+    child.kill();
 
     let mut seen = HashSet::new();
     for (seq, payload, _) in &rows {

@@ -3,7 +3,7 @@
 //! what an uninterrupted run produces.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use arrow::array::AsArray;
@@ -12,9 +12,9 @@ use bytes::Bytes;
 use medallion_lake::{Lake, open_at, read_all};
 use medallion_runtime::{EnvReader, Runtime};
 use medallion_spec::TableRef;
-use medallion_testkit::{NatsServer, eventually};
+use medallion_testkit::{KillOnDrop, NatsServer, eventually};
 
-fn spawn(vars: &BTreeMap<String, String>, fail_points: Option<&str>) -> Child {
+fn spawn(vars: &BTreeMap<String, String>, fail_points: Option<&str>) -> KillOnDrop {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_medallion-transform"));
     cmd.env_clear()
         .envs(vars)
@@ -24,7 +24,7 @@ fn spawn(vars: &BTreeMap<String, String>, fail_points: Option<&str>) -> Child {
     if let Some(fp) = fail_points {
         cmd.env("MEDALLION_FAIL_POINTS", fp);
     }
-    cmd.spawn().unwrap()
+    KillOnDrop(cmd.spawn().unwrap())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -100,8 +100,7 @@ async fn silver_is_identical_after_kill_9() {
         }
         if n == 60 || n == 130 {
             // The first life may already have exited at the fail point.
-            let _ = child.kill();
-            let _ = child.wait();
+            child.kill();
             child = spawn(&vars, None);
         }
     }
@@ -148,7 +147,6 @@ async fn silver_is_identical_after_kill_9() {
     assert_eq!(got, expected_silver);
     let q: usize = rows(quarantine).await.iter().map(|b| b.num_rows()).sum();
     assert_eq!(q, expected_quarantine, "quarantine rows exactly once");
-    let _ = child.kill();
-    let _ = child.wait();
+    child.kill();
     ingest.shutdown.cancel();
 }
