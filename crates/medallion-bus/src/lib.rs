@@ -31,3 +31,11 @@ pub async fn connect_and_declare(
     ensure_streams(&js, streams).await?;
     Ok((client, js))
 }
+
+/// Flushes pending publishes at shutdown, but never waits for an unreachable
+/// server longer than `limit`: a SIGTERM must end the process.
+pub async fn flush_for_shutdown(client: &async_nats::Client, limit: std::time::Duration) {
+    if tokio::time::timeout(limit, client.flush()).await.is_err() {
+        tracing::warn!("NATS flush at shutdown timed out; the server is unreachable");
+    }
+}

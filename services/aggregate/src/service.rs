@@ -83,7 +83,7 @@ pub async fn run(config: AggregateConfig, rt: Runtime) -> anyhow::Result<()> {
         }
     }
     info!("aggregate stopping: flushing NATS");
-    let _ = client.flush().await;
+    medallion_bus::flush_for_shutdown(&client, std::time::Duration::from_secs(5)).await;
     Ok(())
 }
 

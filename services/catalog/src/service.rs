@@ -53,6 +53,6 @@ pub async fn run(config: CatalogConfig, rt: Runtime) -> anyhow::Result<()> {
             }
         }
     }
-    let _ = client.flush().await;
+    medallion_bus::flush_for_shutdown(&client, std::time::Duration::from_secs(5)).await;
     Ok(())
 }

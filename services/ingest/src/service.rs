@@ -114,7 +114,7 @@ pub async fn run(config: IngestConfig, rt: Runtime) -> anyhow::Result<()> {
         }
     }
     info!("ingest stopping: flushing NATS");
-    let _ = client.flush().await;
+    medallion_bus::flush_for_shutdown(&client, std::time::Duration::from_secs(5)).await;
     Ok(())
 }
 

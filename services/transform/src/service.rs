@@ -106,7 +106,7 @@ pub async fn run(config: TransformConfig, rt: Runtime) -> anyhow::Result<()> {
     for s in t.states.values_mut() {
         s.snapshot().await;
     }
-    let _ = client.flush().await;
+    medallion_bus::flush_for_shutdown(&client, std::time::Duration::from_secs(5)).await;
     Ok(())
 }
 
