@@ -258,3 +258,38 @@ fn assemble_one(table: TableRef, version: i64, parts: Vec<EventPart>) -> Assembl
         links,
     }
 }
+
+/// What a batch of stage events says about one upstream table.
+#[derive(Debug, Default)]
+pub struct Announced {
+    /// Rows per version, for the versions whose event carried them whole
+    /// (single part, appended); every other version is read from the table.
+    pub rows: BTreeMap<i64, Vec<RecordBatch>>,
+    /// Trace contexts the events carried, to continue downstream.
+    pub links: Vec<String>,
+}
+
+/// Groups received events by table. Malformed events are skipped (returned
+/// as subjects for logging): the table is the truth and is read instead.
+pub fn announced<'a>(
+    messages: impl IntoIterator<Item = (&'a str, Option<&'a HeaderMap>, &'a Bytes)>,
+) -> (BTreeMap<TableRef, Announced>, Vec<String>) {
+    let mut out: BTreeMap<TableRef, Announced> = BTreeMap::new();
+    let mut malformed = Vec::new();
+    for (subject, headers, payload) in messages {
+        let Ok(part) = EventPart::parse(subject, headers, payload.clone()) else {
+            malformed.push(subject.to_string());
+            continue;
+        };
+        let entry = out.entry(part.table.clone()).or_default();
+        entry.links.extend(part.links.iter().cloned());
+        if part.parts == 1
+            && !part.in_table
+            && part.operation == Operation::Append
+            && let Ok((_, batches)) = codec::decode(&part.payload)
+        {
+            entry.rows.insert(part.version, batches);
+        }
+    }
+    (out, malformed)
+}

@@ -13,7 +13,9 @@ pub mod trace;
 
 pub use connect::NatsSettings;
 pub use error::BusError;
-pub use event::{AssembledCommit, Commit, EventPart, Operation, assemble, publish_commit};
+pub use event::{
+    Announced, AssembledCommit, Commit, EventPart, Operation, announced, assemble, publish_commit,
+};
 pub use streams::{StreamSettings, ensure_streams};
 
 /// The largest message the connected server accepts.

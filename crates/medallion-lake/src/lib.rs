@@ -11,8 +11,8 @@ pub use commits::{CommitRows, open_at, read_all, read_commit, read_parquet};
 pub use error::LakeError;
 pub use location::Lake;
 pub use writer::{
-    CommitOutcome, FileInfo, TableOptions, TableWriter, WriteMode, list_files, open_table,
-    table_schema,
+    CommitOutcome, FileInfo, TableCache, TableOptions, TableWriter, WriteMode, list_files,
+    open_table, table_schema,
 };
 
 pub use deltalake;

@@ -401,3 +401,31 @@ async fn create_table(
     }
     builder.await.map_err(|e| LakeError::delta(tref, e))
 }
+
+/// Upstream tables a stage polls: loaded once, then brought up to date
+/// incrementally (only new log entries are read) instead of re-opened.
+#[derive(Default)]
+pub struct TableCache {
+    tables: HashMap<TableRef, DeltaTable>,
+}
+
+impl TableCache {
+    /// The table at its latest version; `None` while it does not exist.
+    pub async fn latest(
+        &mut self,
+        lake: &Lake,
+        tref: &TableRef,
+    ) -> Result<Option<DeltaTable>, LakeError> {
+        if let Some(t) = self.tables.get_mut(tref) {
+            t.update_state()
+                .await
+                .map_err(|e| LakeError::delta(tref, e))?;
+            return Ok(Some(t.clone()));
+        }
+        let Some(t) = open_table(lake, tref).await? else {
+            return Ok(None);
+        };
+        self.tables.insert(tref.clone(), t.clone());
+        Ok(Some(t))
+    }
+}

@@ -9,7 +9,7 @@ use arrow::array::RecordBatch;
 use async_nats::jetstream;
 use medallion_bus::batching::{Batch, next_batch};
 use medallion_bus::streams::SILVER_STREAM;
-use medallion_bus::{Commit, EventPart, Operation, publish_commit};
+use medallion_bus::{Commit, Operation, publish_commit};
 use medallion_lake::{
     CommitOutcome, FileInfo, Lake, TableOptions, TableWriter, WriteMode, read_all, read_commit,
 };
@@ -51,6 +51,7 @@ pub async fn run(config: AggregateConfig, rt: Runtime) -> anyhow::Result<()> {
         js,
         max_payload: medallion_bus::max_payload(&client),
         products: Products::new(config.products.clone()),
+        upstream: Default::default(),
         states: HashMap::new(),
         metrics,
         rt: rt.clone(),
@@ -92,6 +93,8 @@ struct Aggregate {
     js: jetstream::Context,
     max_payload: usize,
     products: Products,
+    /// The upstream tables, refreshed incrementally on every poll.
+    upstream: medallion_lake::TableCache,
     states: HashMap<ProductId, Vec<GoldTable>>,
     metrics: PipelineMetrics,
     rt: Runtime,
@@ -116,31 +119,18 @@ impl Aggregate {
     }
 
     async fn on_events(&mut self, msgs: Vec<jetstream::Message>) {
-        let mut fast: HashMap<ProductId, BTreeMap<i64, Vec<RecordBatch>>> = HashMap::new();
-        let mut links: HashMap<ProductId, Vec<String>> = HashMap::new();
-        for m in &msgs {
-            let Ok(part) = EventPart::parse(&m.subject, m.headers.as_ref(), m.payload.clone())
-            else {
-                continue;
-            };
-            let id = (part.table.domain.clone(), part.table.name.clone());
-            let versions = fast.entry(id.clone()).or_default();
-            links
-                .entry(id)
-                .or_default()
-                .extend(part.links.iter().cloned());
-            if part.parts == 1
-                && !part.in_table
-                && part.operation == Operation::Append
-                && let Ok((_, batches)) = medallion_bus::codec::decode(&part.payload)
-            {
-                versions.insert(part.version, batches);
-            }
+        let (tables, malformed) = medallion_bus::announced(
+            msgs.iter()
+                .map(|m| (m.subject.as_str(), m.headers.as_ref(), &m.payload)),
+        );
+        for subject in malformed {
+            warn!(subject = %subject, "malformed silver event ignored; the table is read instead");
         }
-        for (id, mut versions) in fast {
+        for (table, mut announced) in tables {
+            let id = (table.domain.clone(), table.name.clone());
             if self.products.contracts.contains_key(&id) {
-                let l = links.remove(&id).unwrap_or_default();
-                self.catch_up(&id, &mut versions, &l).await;
+                self.catch_up(&id, &mut announced.rows, &announced.links)
+                    .await;
             }
         }
         for m in msgs {
@@ -180,7 +170,7 @@ impl Aggregate {
         links: &[String],
     ) {
         let silver_ref = TableRef::silver(&id.0, &id.1);
-        let Ok(Some(silver)) = medallion_lake::open_table(&self.lake, &silver_ref).await else {
+        let Ok(Some(silver)) = self.upstream.latest(&self.lake, &silver_ref).await else {
             return;
         };
         let latest = silver.version().map(|v| v as i64).unwrap_or(-1);

@@ -184,8 +184,34 @@ async fn table_summary(lake: &Lake, t: &TableRef, contract: &Contract) -> Value 
     })
 }
 
-fn find<'a>(p: &'a Products, d: &str, name: &str) -> Option<&'a Arc<Contract>> {
-    p.contracts.get(&(d.to_string(), name.to_string()))
+/// The product `d.name` if it exists and the caller may see it (a denial is audited).
+async fn visible_product(
+    s: &AppState,
+    c: &Caller,
+    action: &str,
+    d: &str,
+    name: &str,
+) -> Result<Arc<Contract>, ApiError> {
+    let target = format!("{d}.{name}");
+    let contract = s
+        .products
+        .read()
+        .await
+        .contracts
+        .get(&(d.to_string(), name.to_string()))
+        .cloned()
+        .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no product {target}")))?;
+    if !can_see_product(c, &contract) {
+        return Err(deny(
+            s,
+            c,
+            action,
+            &target,
+            format!("no role of yours is granted {target}"),
+        )
+        .await);
+    }
+    Ok(contract)
 }
 
 async fn get_product(
@@ -195,20 +221,8 @@ async fn get_product(
 ) -> ApiResult {
     let target = format!("{d}.{p}");
     let c = caller(&s, &headers, "get_product", &target).await?;
-    let products = s.products.read().await;
-    let contract = find(&products, &d, &p)
-        .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no product {target}")))?;
-    if !can_see_product(&c, contract) {
-        return Err(deny(
-            &s,
-            &c,
-            "get_product",
-            &target,
-            format!("no role of yours is granted {target}"),
-        )
-        .await);
-    }
-    let mut summary = product_summary(&s.lake, &c, contract).await;
+    let contract = visible_product(&s, &c, "get_product", &d, &p).await?;
+    let mut summary = product_summary(&s.lake, &c, &contract).await;
     summary["spec"] = serde_json::to_value(&contract.product).unwrap_or(Value::Null);
     s.audit
         .record(AuditRecord::allowed(
@@ -229,19 +243,7 @@ async fn lineage(
 ) -> ApiResult {
     let target = format!("{d}.{p}");
     let c = caller(&s, &headers, "lineage", &target).await?;
-    let products = s.products.read().await;
-    let contract = find(&products, &d, &p)
-        .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no product {target}")))?;
-    if !can_see_product(&c, contract) {
-        return Err(deny(
-            &s,
-            &c,
-            "lineage",
-            &target,
-            format!("no role of yours is granted {target}"),
-        )
-        .await);
-    }
+    let contract = visible_product(&s, &c, "lineage", &d, &p).await?;
     let subject = medallion_spec::ingest_subject(&d, &p);
     let (bronze, silver, quarantine) = (
         TableRef::bronze(&d, &p).sql_name(),

@@ -10,7 +10,7 @@ use async_nats::jetstream;
 use futures::StreamExt;
 use medallion_bus::batching::{Batch, next_batch};
 use medallion_bus::streams::BRONZE_STREAM;
-use medallion_bus::{Commit, EventPart, Operation, publish_commit};
+use medallion_bus::{Commit, Operation, publish_commit};
 use medallion_lake::{CommitOutcome, Lake, TableOptions, TableWriter, WriteMode, read_commit};
 use medallion_runtime::metrics::PipelineMetrics;
 use medallion_runtime::{Runtime, failpoint};
@@ -63,6 +63,7 @@ pub async fn run(config: TransformConfig, rt: Runtime) -> anyhow::Result<()> {
         js,
         client: client.clone(),
         products: Products::new(config.products.clone()),
+        upstream: Default::default(),
         states: HashMap::new(),
         metrics,
         rt: rt.clone(),
@@ -115,6 +116,8 @@ struct Transform {
     js: jetstream::Context,
     client: async_nats::Client,
     products: Products,
+    /// The upstream tables, refreshed incrementally on every poll.
+    upstream: medallion_lake::TableCache,
     states: HashMap<ProductId, ProductState>,
     metrics: PipelineMetrics,
     rt: Runtime,
@@ -224,36 +227,20 @@ impl Transform {
     }
 
     async fn on_events(&mut self, msgs: Vec<jetstream::Message>) {
-        let mut fast: HashMap<ProductId, BTreeMap<i64, Vec<RecordBatch>>> = HashMap::new();
-        let mut links: HashMap<ProductId, Vec<String>> = HashMap::new();
-        for m in &msgs {
-            let Ok(part) = EventPart::parse(&m.subject, m.headers.as_ref(), m.payload.clone())
-            else {
-                warn!(subject = %m.subject, "malformed bronze event ignored; the table is read instead");
-                continue;
-            };
-            let id = (part.table.domain.clone(), part.table.name.clone());
-            let versions = fast.entry(id.clone()).or_default();
-            links
-                .entry(id)
-                .or_default()
-                .extend(part.links.iter().cloned());
-            // Single-part events carry the rows; others are read from the table.
-            if part.parts == 1
-                && !part.in_table
-                && let Ok((_, batches)) = medallion_bus::codec::decode(&part.payload)
-            {
-                versions.insert(part.version, batches);
-            }
+        let (tables, malformed) = medallion_bus::announced(
+            msgs.iter()
+                .map(|m| (m.subject.as_str(), m.headers.as_ref(), &m.payload)),
+        );
+        for subject in malformed {
+            warn!(subject = %subject, "malformed bronze event ignored; the table is read instead");
         }
-        for (id, mut versions) in fast {
+        for (table, mut announced) in tables {
+            let id = (table.domain.clone(), table.name.clone());
             if self.products.contracts.contains_key(&id) {
-                let l = links.remove(&id).unwrap_or_default();
-                self.catch_up(&id, &mut versions, &l).await;
+                self.catch_up(&id, &mut announced.rows, &announced.links)
+                    .await;
             }
         }
-        // The events are handled: either their versions are in Silver now, or
-        // the reconcile tick will read them from Bronze.
         for m in msgs {
             let _ = m.ack().await;
         }
@@ -290,7 +277,7 @@ impl Transform {
         links: &[String],
     ) {
         let bronze_ref = TableRef::bronze(&id.0, &id.1);
-        let Ok(Some(bronze)) = medallion_lake::open_table(&self.lake, &bronze_ref).await else {
+        let Ok(Some(bronze)) = self.upstream.latest(&self.lake, &bronze_ref).await else {
             return;
         };
         let latest = bronze.version().map(|v| v as i64).unwrap_or(-1);
