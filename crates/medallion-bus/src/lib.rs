@@ -8,6 +8,7 @@ pub mod consumer;
 mod error;
 pub mod event;
 pub mod headers;
+pub mod registry;
 pub mod streams;
 pub mod trace;
 

@@ -10,6 +10,9 @@ use async_nats::jetstream::{
 
 use crate::BusError;
 
+/// Core NATS request subject: payload `<domain>.<product>`; the transform
+/// rebuilds that product's Silver from Bronze and replies with the outcome.
+pub const REPLAY_SUBJECT: &str = "medallion.control.replay";
 pub const INGEST_STREAM: &str = "MEDALLION_INGEST";
 pub const INGEST_SUBJECTS: &str = "medallion.ingest.>";
 pub const BRONZE_STREAM: &str = "MEDALLION_BRONZE";

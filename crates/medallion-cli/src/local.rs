@@ -14,6 +14,9 @@ use medallion_runtime::{EnvReader, Runtime};
 
 pub struct Platform {
     pub nats_url: String,
+    /// Where the catalog listens, and a token with the admin role for it.
+    pub catalog_addr: String,
+    pub admin_token: String,
     nats: Option<Child>,
     runtimes: Vec<Runtime>,
     tasks: Vec<tokio::task::JoinHandle<anyhow::Result<()>>>,
@@ -40,6 +43,16 @@ impl Platform {
         vars.insert("NATS_URL".into(), nats_url.into());
         vars.insert("MEDALLION_LAKE".into(), lake.into());
         vars.insert("MEDALLION_PRODUCTS".into(), products.display().to_string());
+        // Auth stays on locally too: a fresh secret per run unless one is set,
+        // and an admin token minted for the user.
+        let secret = match vars.get("MEDALLION_JWT_SECRET") {
+            Some(s) => s.clone(),
+            None => {
+                let s = random_hex(32)?;
+                vars.insert("MEDALLION_JWT_SECRET".into(), s.clone());
+                s
+            }
+        };
         if !vars.contains_key("MEDALLION_PII_KEY") {
             // A stable local key, so tokens match across runs; set your own in production.
             vars.insert(
@@ -53,6 +66,13 @@ impl Platform {
         });
         let mut p = Platform {
             nats_url: nats_url.to_string(),
+            catalog_addr: String::new(),
+            admin_token: medallion_catalog::auth::mint_hs256(
+                secret.as_bytes(),
+                "local-admin",
+                &["admin"],
+                30 * 24 * 3600,
+            ),
             nats,
             runtimes: Vec::new(),
             tasks: Vec::new(),
@@ -61,11 +81,25 @@ impl Platform {
         let ingest = medallion_ingest::IngestConfig::from_env(&mut r);
         let transform = medallion_transform::TransformConfig::from_env(&mut r);
         let aggregate = medallion_aggregate::AggregateConfig::from_env(&mut r);
+        let catalog = medallion_catalog::CatalogConfig::from_env(&mut r);
         r.finish()
             .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
         // Declare the streams before anyone publishes (the services do it too).
         let client = async_nats::connect(nats_url).await?;
         medallion_bus::ensure_streams(&jetstream::new(client), &ingest.streams).await?;
+        // The catalog first: it registers the products folder that transform
+        // and aggregate watch.
+        let rt = Runtime::new("medallion-catalog");
+        let mut task = tokio::spawn(medallion_catalog::run(catalog, rt.clone()));
+        tokio::select! {
+            addr = rt.wait_for_http() => p.catalog_addr = addr?.to_string(),
+            stopped = &mut task => match stopped {
+                Ok(Err(e)) => return Err(e.context("medallion-catalog did not start")),
+                _ => bail!("medallion-catalog stopped while starting"),
+            },
+        }
+        p.tasks.push(task);
+        p.runtimes.push(rt);
         let rt = Runtime::new("medallion-ingest");
         p.tasks
             .push(tokio::spawn(medallion_ingest::run(ingest, rt.clone())));
@@ -145,6 +179,15 @@ async fn futures_any(tasks: &[tokio::task::JoinHandle<anyhow::Result<()>>]) {
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+}
+
+fn random_hex(bytes: usize) -> anyhow::Result<String> {
+    use std::io::Read as _;
+    let mut buf = vec![0u8; bytes];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut buf))
+        .context("reading /dev/urandom for a local JWT secret (or set MEDALLION_JWT_SECRET)")?;
+    Ok(buf.iter().map(|b| format!("{b:02x}")).collect())
 }
 
 fn terminate(child: &mut Child) {

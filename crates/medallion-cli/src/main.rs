@@ -134,6 +134,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 cli.products.display()
             );
             println!(
+                "catalog: http://{}   admin token (valid 30 days, for this run's secret):\n  export MEDALLION_TOKEN={}",
+                platform.catalog_addr, platform.admin_token
+            );
+            println!(
                 "publish with: medallion publish <domain>.<product> --file events.ndjson   (Ctrl-C stops)"
             );
             platform.wait_for_ctrl_c().await

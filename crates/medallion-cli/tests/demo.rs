@@ -19,6 +19,7 @@ fn medallion(args: &[&str], nats: &str, lake: &std::path::Path) -> String {
         .env("MEDALLION_INGEST_ADDR", "127.0.0.1:0")
         .env("MEDALLION_TRANSFORM_ADDR", "127.0.0.1:0")
         .env("MEDALLION_AGGREGATE_ADDR", "127.0.0.1:0")
+        .env("MEDALLION_CATALOG_ADDR", "127.0.0.1:0")
         .output()
         .expect("run medallion");
     let stdout = String::from_utf8_lossy(&out.stdout).to_string();

@@ -3,7 +3,8 @@
 
 use std::sync::Arc;
 
-use arrow::array::RecordBatch;
+use arrow::array::{ArrayRef, RecordBatch, new_null_array};
+use arrow::datatypes::{Field, Schema, SchemaRef};
 use deltalake::kernel::Action;
 use deltalake::logstore::get_actions;
 use deltalake::{DeltaTable, ObjectStore, Path};
@@ -46,6 +47,7 @@ pub async fn read_commit(
     };
     let actions = get_actions(version as u64, &bytes).map_err(|e| LakeError::delta(tref, e))?;
     let store = log_store.object_store(None);
+    let schema = crate::writer::table_schema(tref, table)?;
     let mut rows = CommitRows {
         version,
         batches: Vec::new(),
@@ -56,7 +58,9 @@ pub async fn read_commit(
     for action in actions {
         match action {
             Action::Add(add) if add.data_change => {
-                rows.batches.extend(read_parquet(&store, &add.path).await?);
+                for b in read_parquet(&store, &add.path).await? {
+                    rows.batches.push(conform(b, &schema)?);
+                }
             }
             Action::Remove(r) if r.data_change => rows.removed_data = true,
             Action::Txn(t) => rows.txns.push((t.app_id, t.version)),
@@ -70,11 +74,46 @@ pub async fn read_commit(
 /// Every row of the table at its loaded version.
 pub async fn read_all(tref: &TableRef, table: &DeltaTable) -> Result<Vec<RecordBatch>, LakeError> {
     let store = table.log_store().object_store(None);
+    let schema = crate::writer::table_schema(tref, table)?;
     let mut out = Vec::new();
     for f in list_files(tref, table).await? {
-        out.extend(read_parquet(&store, &f.path).await?);
+        for b in read_parquet(&store, &f.path).await? {
+            out.push(conform(b, &schema)?);
+        }
     }
     Ok(out)
+}
+
+/// Shapes a batch read from one data file like the table: files written
+/// before a column was added lack it (NULL, as Delta readers show it), and
+/// column order follows the table.
+pub fn conform(batch: RecordBatch, schema: &SchemaRef) -> Result<RecordBatch, LakeError> {
+    if batch.schema().fields() == schema.fields() {
+        return Ok(batch);
+    }
+    let mut columns: Vec<ArrayRef> = Vec::with_capacity(schema.fields().len());
+    for f in schema.fields() {
+        columns.push(match batch.column_by_name(f.name()) {
+            Some(c) if c.data_type() == f.data_type() => c.clone(),
+            Some(c) => arrow::compute::cast(c, f.data_type())?,
+            None => new_null_array(f.data_type(), batch.num_rows()),
+        });
+    }
+    // Nullability follows the data: a column the file lacks is NULL there.
+    let fields: Vec<Field> = schema
+        .fields()
+        .iter()
+        .zip(&columns)
+        .map(|(f, c)| {
+            f.as_ref()
+                .clone()
+                .with_nullable(f.is_nullable() || c.null_count() > 0)
+        })
+        .collect();
+    Ok(RecordBatch::try_new(
+        Arc::new(Schema::new_with_metadata(fields, schema.metadata().clone())),
+        columns,
+    )?)
 }
 
 /// Reads one data file by its path relative to the table root.

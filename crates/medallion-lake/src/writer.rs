@@ -14,7 +14,7 @@ use arrow::array::RecordBatch;
 use arrow::datatypes::{Schema, SchemaRef};
 use deltalake::kernel::engine::arrow_conversion::{TryIntoArrow, TryIntoKernel};
 use deltalake::kernel::transaction::{CommitBuilder, CommitProperties};
-use deltalake::kernel::{Action, Remove, StructType, Transaction};
+use deltalake::kernel::{Action, MetadataExt as _, Remove, StructType, Transaction};
 use deltalake::parquet::basic::{Compression, ZstdLevel};
 use deltalake::parquet::file::properties::WriterProperties;
 use deltalake::protocol::{DeltaOperation, SaveMode};
@@ -64,6 +64,7 @@ pub struct TableWriter {
     txn: Option<i64>,
     properties: WriterProperties,
     added: Vec<String>,
+    storage_options: HashMap<String, String>,
 }
 
 impl std::fmt::Debug for TableWriter {
@@ -141,7 +142,7 @@ impl TableWriter {
             Some(t) => t,
             None => create_table(lake, tref, &schema, options).await?,
         };
-        Self::from_table(tref.clone(), table, app_id.into()).await
+        Self::from_table(lake, tref.clone(), table, app_id.into()).await
     }
 
     /// Opens an existing table; `None` if it was never created.
@@ -152,13 +153,14 @@ impl TableWriter {
     ) -> Result<Option<TableWriter>, LakeError> {
         match open_table(lake, tref).await? {
             Some(t) => Ok(Some(
-                Self::from_table(tref.clone(), t, app_id.into()).await?,
+                Self::from_table(lake, tref.clone(), t, app_id.into()).await?,
             )),
             None => Ok(None),
         }
     }
 
     async fn from_table(
+        lake: &Lake,
         tref: TableRef,
         table: DeltaTable,
         app_id: String,
@@ -172,6 +174,7 @@ impl TableWriter {
             txn: None,
             properties: writer_properties(),
             added: Vec::new(),
+            storage_options: lake.storage_options().clone(),
         };
         w.txn = w.read_txn().await?;
         Ok(w)
@@ -285,11 +288,21 @@ impl TableWriter {
         let delta = |e| LakeError::delta(&tref, e);
         let mut actions: Vec<Action> = Vec::new();
         let mut added = Vec::new();
+        let evolve_to = self.schema_change(groups, &mode)?;
         for batches in groups {
             if batches.iter().all(|b| b.num_rows() == 0) {
                 continue;
             }
-            let mut writer = RecordBatchWriter::for_table(&self.table)
+            let writer = match &evolve_to {
+                None => RecordBatchWriter::for_table(&self.table),
+                Some((arrow, _)) => RecordBatchWriter::try_new(
+                    self.table.table_url().as_str(),
+                    arrow.clone(),
+                    None,
+                    Some(self.storage_options.clone()),
+                ),
+            };
+            let mut writer = writer
                 .map_err(delta)?
                 .with_writer_properties(self.properties.clone());
             for b in batches.iter().filter(|b| b.num_rows() > 0) {
@@ -314,6 +327,17 @@ impl TableWriter {
             }
         };
         let snapshot = self.table.snapshot().map_err(delta)?;
+        if let Some((_, kernel)) = &evolve_to {
+            let metadata = snapshot
+                .metadata()
+                .clone()
+                .with_schema(kernel)
+                .map_err(|e| LakeError::Schema {
+                    table: tref.to_string(),
+                    message: e.to_string(),
+                })?;
+            actions.push(Action::Metadata(metadata));
+        }
         let partition_by = {
             let cols: Vec<String> = snapshot.metadata().partition_columns().to_vec();
             (!cols.is_empty()).then_some(cols)
@@ -339,9 +363,82 @@ impl TableWriter {
             .map_err(delta)?;
         let version = finalized.version();
         self.table.state = Some(finalized.snapshot());
+        if let Some((arrow, _)) = evolve_to {
+            self.schema = arrow;
+        }
         self.txn = Some(txn);
         self.added = added;
         Ok(CommitOutcome::Committed(version as i64))
+    }
+}
+
+impl TableWriter {
+    /// The schema the table moves to with this commit, if the batches differ
+    /// from it (compared as Delta types, so Arrow-only differences such as
+    /// timestamp units do not count). A spec may add nullable columns at any
+    /// time; anything else (a removed, retyped or newly required column) only
+    /// with a full refresh, which rewrites every row under the new schema.
+    fn schema_change(
+        &self,
+        groups: &[Vec<RecordBatch>],
+        mode: &WriteMode,
+    ) -> Result<Option<(SchemaRef, StructType)>, LakeError> {
+        let Some(incoming) = groups
+            .iter()
+            .flatten()
+            .find(|b| b.num_rows() > 0)
+            .map(|b| b.schema())
+        else {
+            return Ok(None);
+        };
+        if incoming.fields() == self.schema.fields() {
+            return Ok(None);
+        }
+        let Ok(new): Result<StructType, _> = incoming.as_ref().try_into_kernel() else {
+            // Not expressible as Delta types as is; the writer casts to the table schema.
+            return Ok(None);
+        };
+        let current = self
+            .table
+            .snapshot()
+            .map_err(|e| LakeError::delta(&self.tref, e))?
+            .schema();
+        if new == *current.as_ref() {
+            return Ok(None);
+        }
+        if !matches!(mode, WriteMode::Overwrite) {
+            let mut breaking = Vec::new();
+            for f in current.fields() {
+                match new.field(f.name()) {
+                    None => breaking.push(format!("column {} is missing", f.name())),
+                    Some(n) if n.data_type() != f.data_type() => breaking.push(format!(
+                        "column {} changes type from {} to {}",
+                        f.name(),
+                        f.data_type(),
+                        n.data_type()
+                    )),
+                    Some(n) if !n.is_nullable() && f.is_nullable() => {
+                        breaking.push(format!("column {} becomes required", f.name()))
+                    }
+                    Some(_) => {}
+                }
+            }
+            for n in new.fields() {
+                if current.field(n.name()).is_none() && !n.is_nullable() {
+                    breaking.push(format!("new column {} is required", n.name()));
+                }
+            }
+            if !breaking.is_empty() {
+                return Err(LakeError::Schema {
+                    table: self.tref.to_string(),
+                    message: format!(
+                        "{}; existing rows cannot take this change: rebuild the table with a full refresh (`medallion replay`)",
+                        breaking.join(", ")
+                    ),
+                });
+            }
+        }
+        Ok(Some((incoming, new)))
     }
 }
 

@@ -26,7 +26,8 @@ macro_rules! vars {
 
 vars! {
     "MEDALLION_LAKE", Some("./.medallion/lake"), "all", "Lake root: a directory, file:// or s3:// URI";
-    "MEDALLION_PRODUCTS", Some("./products"), "catalog", "Folder of DataProduct YAML files loaded at start";
+    "MEDALLION_PRODUCTS", Some("./products"), "catalog", "Folder of DataProduct YAML files registered at start and whenever a file changes";
+    "MEDALLION_SPEC_SOURCE", Some("registry"), "transform,aggregate", "registry (the catalog's, hot-reloaded) or folder (read MEDALLION_PRODUCTS directly, no catalog)";
     "MEDALLION_CATALOG_ADDR", Some("127.0.0.1:8080"), "catalog", "Catalog HTTP API, health and metrics address";
     "MEDALLION_CATALOG_URL", Some("http://127.0.0.1:8080"), "cli", "Catalog base URL the CLI talks to";
     "MEDALLION_INGEST_ADDR", Some("127.0.0.1:9101"), "ingest", "Health and metrics address of ingest";

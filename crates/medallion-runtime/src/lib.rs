@@ -27,6 +27,8 @@ pub struct Runtime {
     pub health: Health,
     pub shutdown: CancellationToken,
     pub registry: prometheus::Registry,
+    /// The address `serve_http` bound (the OS picks the port for `:0`).
+    http_addr: tokio::sync::watch::Sender<Option<std::net::SocketAddr>>,
 }
 
 impl Runtime {
@@ -36,7 +38,21 @@ impl Runtime {
             health: Health::new(),
             shutdown: CancellationToken::new(),
             registry: prometheus::Registry::new(),
+            http_addr: tokio::sync::watch::Sender::new(None),
         }
+    }
+
+    /// Waits until the service serves HTTP; fails if it stops first.
+    pub async fn wait_for_http(&self) -> anyhow::Result<std::net::SocketAddr> {
+        let mut rx = self.http_addr.subscribe();
+        let addr = tokio::time::timeout(
+            std::time::Duration::from_secs(60),
+            rx.wait_for(|a| a.is_some()),
+        )
+        .await
+        .map_err(|_| anyhow::anyhow!("{} did not start serving HTTP within 60 s", self.service))?
+        .map_err(|_| anyhow::anyhow!("{} stopped before serving HTTP", self.service))?;
+        Ok(addr.expect("checked by wait_for"))
     }
 
     /// Serves the probes plus `routes` on `addr`; returns the bound address.
@@ -46,7 +62,9 @@ impl Runtime {
         routes: axum::Router,
     ) -> std::io::Result<std::net::SocketAddr> {
         let router = http::probe_router(self.health.clone(), self.registry.clone()).merge(routes);
-        http::serve(addr, router, self.shutdown.clone()).await
+        let bound = http::serve(addr, router, self.shutdown.clone()).await?;
+        self.http_addr.send_replace(Some(bound));
+        Ok(bound)
     }
 }
 

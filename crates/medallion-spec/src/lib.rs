@@ -5,15 +5,17 @@
 //! incremental Gold plans). Every service and the catalog validate through the
 //! same function, so a spec accepted anywhere works everywhere.
 
+pub mod compat;
 pub mod contract;
 pub mod error;
-pub mod folder;
 pub mod gold;
 pub mod layout;
 pub mod model;
 pub mod names;
+pub mod products;
 pub mod types;
 
+pub use compat::breaking_changes;
 pub use contract::{BRONZE_SEQ_COLUMN, Contract, INGESTED_AT_COLUMN, is_valid_name, parse_yaml};
 pub use error::{SpecError, SpecErrors};
 pub use gold::{AggKind, GoldPlan, OutputColumn};

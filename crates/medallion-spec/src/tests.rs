@@ -204,3 +204,107 @@ fn names_cannot_escape_paths() {
     }
     assert!(is_valid_name("payments_v2"));
 }
+
+async fn compiled(p: DataProduct) -> Contract {
+    Contract::compile(p).await.unwrap()
+}
+
+fn column(name: &str, ty: &str, required: bool) -> Column {
+    serde_yaml::from_str(&format!(
+        "{{name: {name}, type: {ty}, required: {required}}}"
+    ))
+    .unwrap()
+}
+
+#[tokio::test]
+async fn compatible_changes_are_accepted() {
+    let old = compiled(parse_yaml(PAYMENTS).unwrap()).await;
+    let new = compiled(with_spec_edit(|p| {
+        p.spec.schema.push(column("channel", "string", false));
+        p.spec.tags.push("cards".into());
+        p.spec.description = "changed".into();
+    }))
+    .await;
+    assert_eq!(breaking_changes(&old, &new), Vec::<String>::new());
+}
+
+#[tokio::test]
+async fn each_breaking_change_is_named() {
+    let old = compiled(parse_yaml(PAYMENTS).unwrap()).await;
+    let new = compiled(with_spec_edit(|p| {
+        let country = p
+            .spec
+            .schema
+            .iter_mut()
+            .find(|c| c.name == "country")
+            .unwrap();
+        country.name = "country_code".into();
+        let amount = p
+            .spec
+            .schema
+            .iter_mut()
+            .find(|c| c.name == "amount")
+            .unwrap();
+        amount.required = true;
+        p.spec.schema.push(column("channel", "string", true));
+        p.spec.key = vec!["event_id".into(), "ts".into()];
+        for g in &mut p.spec.gold {
+            g.sql = g.sql.replace("country", "country_code");
+        }
+        for e in &mut p.spec.expectations {
+            e.rule = e.rule.replace("country", "country_code");
+        }
+    }))
+    .await;
+    let changes = breaking_changes(&old, &new);
+    let all = changes.join("\n");
+    assert!(
+        all.contains("silver: column country is removed (renamed to country_code"),
+        "{all}"
+    );
+    assert!(
+        all.contains("silver: column amount becomes required"),
+        "{all}"
+    );
+    assert!(
+        all.contains("silver: new column channel is required"),
+        "{all}"
+    );
+    assert!(
+        all.contains("key changes from [event_id] to [event_id, ts]"),
+        "{all}"
+    );
+    assert!(
+        all.contains("gold table revenue_by_country_hourly: column country is removed"),
+        "{all}"
+    );
+}
+
+#[tokio::test]
+async fn a_retyped_column_and_a_changed_gold_query_are_breaking() {
+    let old = compiled(parse_yaml(PAYMENTS).unwrap()).await;
+    let new = compiled(with_spec_edit(|p| {
+        let c = p
+            .spec
+            .schema
+            .iter_mut()
+            .find(|c| c.name == "country")
+            .unwrap();
+        c.data_type = "int64".parse().unwrap();
+    }))
+    .await;
+    let all = breaking_changes(&old, &new).join("\n");
+    assert!(
+        all.contains("column country changes type from Utf8 to Int64"),
+        "{all}"
+    );
+
+    let new = compiled(with_spec_edit(|p| {
+        p.spec.gold[0].sql = p.spec.gold[0]
+            .sql
+            .replace("FROM silver", "FROM silver WHERE amount > 100");
+    }))
+    .await;
+    let all = breaking_changes(&old, &new).join("\n");
+    assert!(all.contains("its SQL changes"), "{all}");
+}

@@ -1,8 +1,8 @@
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::time::Duration;
 
 use medallion_bus::batching::BatchLimits;
+use medallion_bus::registry::SpecOrigin;
 use medallion_bus::{NatsSettings, StreamSettings};
 use medallion_lake::Lake;
 use medallion_runtime::EnvReader;
@@ -15,7 +15,8 @@ pub struct AggregateConfig {
     pub streams: StreamSettings,
     pub batch: BatchLimits,
     pub ack_wait: Duration,
-    pub products: PathBuf,
+    /// Where product specs come from (re-read on change and every `reload_interval`).
+    pub specs: SpecOrigin,
     pub reload_interval: Duration,
 }
 
@@ -28,9 +29,7 @@ impl AggregateConfig {
             streams: StreamSettings::from_env(env),
             batch: BatchLimits::from_env(env),
             ack_wait: env.duration("MEDALLION_ACK_WAIT"),
-            products: env
-                .path("MEDALLION_PRODUCTS")
-                .unwrap_or_else(|| PathBuf::from("./products")),
+            specs: SpecOrigin::from_env(env),
             reload_interval: env.duration("MEDALLION_RELOAD_INTERVAL"),
         }
     }

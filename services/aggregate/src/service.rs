@@ -8,6 +8,7 @@ use anyhow::Context as _;
 use arrow::array::RecordBatch;
 use async_nats::jetstream;
 use medallion_bus::batching::{Batch, next_batch};
+use medallion_bus::registry::{SpecSource, sync_specs};
 use medallion_bus::streams::SILVER_STREAM;
 use medallion_bus::{Commit, Operation, publish_commit};
 use medallion_lake::{
@@ -15,7 +16,7 @@ use medallion_lake::{
 };
 use medallion_runtime::metrics::PipelineMetrics;
 use medallion_runtime::{Runtime, failpoint};
-use medallion_spec::folder::{ProductId, Products};
+use medallion_spec::products::{ProductId, Products};
 use medallion_spec::{Contract, TableRef};
 use tracing::{Instrument, info, info_span, warn};
 
@@ -35,7 +36,10 @@ pub async fn run(config: AggregateConfig, rt: Runtime) -> anyhow::Result<()> {
         .context("connecting to NATS and declaring the streams")?;
     let metrics = PipelineMetrics::register(&rt.registry)?;
     let addr = rt.serve_http(config.addr, axum::Router::new()).await?;
-    info!(%addr, lake = %lake.root(), products = %config.products.display(), "aggregate started");
+    let source = SpecSource::open(&config.specs, &js, &config.streams)
+        .await
+        .context("opening the product registry")?;
+    info!(%addr, lake = %lake.root(), specs = ?config.specs, "aggregate started");
     let consumer = medallion_bus::consumer::stage_consumer(
         &js,
         SILVER_STREAM,
@@ -50,20 +54,21 @@ pub async fn run(config: AggregateConfig, rt: Runtime) -> anyhow::Result<()> {
         lake,
         js,
         max_payload: medallion_bus::max_payload(&client),
-        products: Products::new(config.products.clone()),
+        products: Products::new(),
         upstream: Default::default(),
         states: HashMap::new(),
         metrics,
         rt: rt.clone(),
     };
-    a.reload().await;
+    a.reload(&source).await;
     rt.health.set_started();
     let mut tick = tokio::time::interval(config.reload_interval);
     loop {
         tokio::select! {
             _ = rt.shutdown.cancelled() => break,
+            _ = source.changed() => a.reload(&source).await,
             _ = tick.tick() => {
-                a.reload().await;
+                a.reload(&source).await;
                 let ids: Vec<ProductId> = a.products.contracts.keys().cloned().collect();
                 for id in ids {
                     a.catch_up(&id, &mut BTreeMap::new(), &[]).await;
@@ -108,11 +113,15 @@ struct GoldTable {
     files: Vec<Vec<FileInfo>>,
     /// Last Silver version merged (the table's transaction version).
     processed: i64,
+    /// The table was built under a different spec (its columns differ from
+    /// the plan's): the next Silver version rebuilds it whole instead of
+    /// merging into rows of another shape.
+    rebuild: bool,
 }
 
 impl Aggregate {
-    async fn reload(&mut self) {
-        let changes = self.products.reload(|_| Ok(()), 0).await;
+    async fn reload(&mut self, source: &SpecSource) {
+        let changes = sync_specs(source, &mut self.products, |_| Ok(()), 0, &self.rt.health).await;
         for id in changes.updated.iter().chain(changes.removed.iter()) {
             self.states.remove(id);
         }
@@ -242,9 +251,15 @@ async fn advance(
     let started = Instant::now();
     let mut rows = Vec::new();
     let mut last = t.processed;
-    let mut refresh = false;
+    let mut refresh = t.rebuild;
+    if refresh {
+        last = latest;
+    }
     let mut n = 0usize;
     for v in (t.processed + 1)..=latest {
+        if refresh {
+            break;
+        }
         let batches = match fast.get(&v) {
             Some(b) => b.clone(),
             None => match read_commit(silver_ref, silver, v)
@@ -316,6 +331,7 @@ async fn advance(
         }
     };
     t.processed = last;
+    t.rebuild = false;
     t.files = bucket_files(&t.writer, &t.state).await?;
     let tref = t.writer.table_ref().clone();
     tracing::Span::current()
@@ -413,19 +429,31 @@ async fn open_tables(lake: &Lake, contract: &Arc<Contract>) -> Result<Vec<GoldTa
             TableWriter::open_or_create(lake, &tref, state.table_schema.clone(), APP_ID, &options)
                 .await
                 .map_err(|e| e.to_string())?;
+        let same_shape = writer.schema().fields().len() == state.table_schema.fields().len()
+            && writer
+                .schema()
+                .fields()
+                .iter()
+                .zip(state.table_schema.fields())
+                .all(|(a, b)| a.name() == b.name() && a.data_type() == b.data_type());
         let mut t = GoldTable {
             processed: writer.txn_version().unwrap_or(-1),
             writer,
             state,
             files: vec![Vec::new(); BUCKETS],
+            rebuild: !same_shape,
         };
-        let all = read_all(&tref, t.writer.table())
-            .await
-            .map_err(|e| e.to_string())?;
-        for b in &all {
-            t.state.load_rows(b);
+        if same_shape {
+            let all = read_all(&tref, t.writer.table())
+                .await
+                .map_err(|e| e.to_string())?;
+            for b in &all {
+                t.state.load_rows(b);
+            }
+            t.files = bucket_files(&t.writer, &t.state).await?;
+        } else {
+            info!(table = %tref, "gold table was built under another spec; rebuilding it from silver on the next silver version");
         }
-        t.files = bucket_files(&t.writer, &t.state).await?;
         info!(table = %tref, groups = t.state.groups(), silver_version = t.processed, "gold state loaded");
         out.push(t);
     }

@@ -29,6 +29,8 @@ fn vars(
             "MEDALLION_PRODUCTS".to_string(),
             products.display().to_string(),
         ),
+        // No catalog in these tests: specs straight from the folder.
+        ("MEDALLION_SPEC_SOURCE".to_string(), "folder".to_string()),
         (
             "MEDALLION_PII_KEY".to_string(),
             "pipeline-test-pii-key-0123456789".to_string(),

@@ -9,9 +9,10 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use medallion_bus::registry::{Registry, SpecSource};
 use medallion_lake::Lake;
 use medallion_lake::query::{Grant, run_query, session};
-use medallion_spec::folder::Products;
+use medallion_spec::products::Products;
 use medallion_spec::{Contract, TableRef};
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -23,7 +24,13 @@ use crate::auth::{Caller, Verifier};
 
 pub struct AppState {
     pub lake: Lake,
+    /// The catalog's compiled view of the registry.
     pub products: RwLock<Products>,
+    pub registry: Registry,
+    pub source: SpecSource,
+    pub seed: tokio::sync::Mutex<crate::seed::FolderSeed>,
+    pub client: async_nats::Client,
+    pub health: medallion_runtime::Health,
     pub verifier: Verifier,
     pub audit: Audit,
     pub row_limit: usize,
@@ -33,7 +40,16 @@ pub struct AppState {
 pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/v1/products", get(list_products))
-        .route("/v1/products/{domain}/{product}", get(get_product))
+        .route(
+            "/v1/products/{domain}/{product}",
+            get(get_product)
+                .put(crate::specs_api::put_product)
+                .delete(crate::specs_api::delete_product),
+        )
+        .route(
+            "/v1/products/{domain}/{product}/versions",
+            get(crate::specs_api::versions),
+        )
         .route("/v1/products/{domain}/{product}/lineage", get(lineage))
         .route("/v1/tables/{layer}/{domain}/{table}", get(table_info))
         .route("/v1/query", post(query))
@@ -41,7 +57,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
-struct ApiError(StatusCode, String);
+pub(crate) struct ApiError(pub StatusCode, pub String);
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
@@ -49,10 +65,10 @@ impl IntoResponse for ApiError {
     }
 }
 
-type ApiResult = Result<Json<Value>, ApiError>;
+pub(crate) type ApiResult = Result<Json<Value>, ApiError>;
 
 /// Authenticates; a failure is audited and answered 401.
-async fn caller(
+pub(crate) async fn caller(
     s: &AppState,
     headers: &HeaderMap,
     action: &str,
@@ -75,7 +91,13 @@ async fn caller(
     }
 }
 
-async fn deny(s: &AppState, c: &Caller, action: &str, target: &str, reason: String) -> ApiError {
+pub(crate) async fn deny(
+    s: &AppState,
+    c: &Caller,
+    action: &str,
+    target: &str,
+    reason: String,
+) -> ApiError {
     s.audit
         .record(AuditRecord::denied(&c.user, action, target, &reason))
         .await;
@@ -185,7 +207,7 @@ async fn table_summary(lake: &Lake, t: &TableRef, contract: &Contract) -> Value 
 }
 
 /// The product `d.name` if it exists and the caller may see it (a denial is audited).
-async fn visible_product(
+pub(crate) async fn visible_product(
     s: &AppState,
     c: &Caller,
     action: &str,
@@ -224,6 +246,13 @@ async fn get_product(
     let contract = visible_product(&s, &c, "get_product", &d, &p).await?;
     let mut summary = product_summary(&s.lake, &c, &contract).await;
     summary["spec"] = serde_json::to_value(&contract.product).unwrap_or(Value::Null);
+    let key = medallion_bus::registry::key(&d, &p);
+    if let Ok(Some((revision, _))) = s.registry.current(&key).await {
+        summary["revision"] = json!(revision);
+    }
+    if let Some(file) = s.seed.lock().await.managed.get(&(d.clone(), p.clone())) {
+        summary["managed_by"] = json!(file);
+    }
     s.audit
         .record(AuditRecord::allowed(
             &c.user,
@@ -348,6 +377,12 @@ async fn query(
             .await);
         }
     }
+    // Only the tables the query names: `version` applies to them, and the
+    // session does not open tables it will not read.
+    let grants: Vec<Grant> = grants
+        .into_iter()
+        .filter(|g| referenced.contains(&g.table.sql_name()))
+        .collect();
     let ctx = session(&s.lake, &grants, req.version)
         .await
         .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.to_string()))?;

@@ -11,7 +11,9 @@ mod api;
 pub mod audit;
 pub mod auth;
 pub mod config;
+mod seed;
 mod service;
+mod specs_api;
 
 pub use config::CatalogConfig;
 pub use service::run;

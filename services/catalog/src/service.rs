@@ -1,14 +1,16 @@
 use std::sync::Arc;
 
 use anyhow::Context as _;
+use medallion_bus::registry::{Registry, SpecSource, sync_specs};
 use medallion_runtime::Runtime;
-use medallion_spec::folder::Products;
+use medallion_spec::products::Products;
 use tokio::sync::RwLock;
-use tracing::{error, info};
+use tracing::info;
 
 use crate::CatalogConfig;
 use crate::api::{AppState, router};
 use crate::audit::Audit;
+use crate::seed::FolderSeed;
 
 pub async fn run(config: CatalogConfig, rt: Runtime) -> anyhow::Result<()> {
     let lake = config
@@ -22,37 +24,61 @@ pub async fn run(config: CatalogConfig, rt: Runtime) -> anyhow::Result<()> {
     let (client, js) = medallion_bus::connect_and_declare(&config.nats, &config.streams)
         .await
         .context("connecting to NATS and declaring the streams")?;
-    let mut products = Products::new(config.products.clone());
-    products.reload(|_| Ok(()), 0).await;
+    let registry = Registry::open(&js, &config.streams)
+        .await
+        .context("opening the product registry")?;
+    let changed = registry.changes();
+    let source = SpecSource::Registry(registry.clone(), changed.clone());
     let state = Arc::new(AppState {
         lake,
-        products: RwLock::new(products),
+        products: RwLock::new(Products::new()),
+        registry,
+        source,
+        seed: tokio::sync::Mutex::new(FolderSeed::new(config.products.clone())),
+        client: client.clone(),
+        health: rt.health.clone(),
         verifier,
         audit: Audit::new(js),
         row_limit: config.row_limit,
         query_timeout: config.query_timeout,
     });
+    state.seed_from_folder().await;
+    state.sync().await;
     let addr = rt.serve_http(config.addr, router(state.clone())).await?;
-    info!(%addr, "catalog started");
+    info!(%addr, products = %config.products.display(), "catalog started");
     rt.health.set_started();
     let mut tick = tokio::time::interval(config.reload_interval);
     loop {
         tokio::select! {
             _ = rt.shutdown.cancelled() => break,
+            _ = changed.notified() => state.sync().await,
             _ = tick.tick() => {
-                let mut p = state.products.write().await;
-                let changes = p.reload(|_| Ok(()), 0).await;
-                for f in &changes.rejected {
-                    error!(file = %f.display(), error = %p.problems.get(f).cloned().unwrap_or_default(), "product spec rejected; the last valid version stays registered");
-                }
-                if p.problems.is_empty() {
-                    rt.health.clear_problem("specs");
-                } else {
-                    rt.health.set_problem("specs", p.problems.iter().map(|(f, e)| format!("{}: {e}", f.display())).collect::<Vec<_>>().join("; "));
-                }
+                state.seed_from_folder().await;
+                state.sync().await;
             }
         }
     }
     medallion_bus::flush_for_shutdown(&client, std::time::Duration::from_secs(5)).await;
     Ok(())
+}
+
+impl AppState {
+    /// Re-reads the registry into the catalog's view.
+    pub async fn sync(&self) {
+        let mut p = self.products.write().await;
+        sync_specs(&self.source, &mut p, |_| Ok(()), 0, &self.health).await;
+    }
+
+    async fn seed_from_folder(&self) {
+        let rebuild = {
+            let mut seed = self.seed.lock().await;
+            seed.apply(&self.registry, &self.health, &self.audit).await
+        };
+        if !rebuild.is_empty() {
+            self.sync().await;
+        }
+        for (d, p) in rebuild {
+            self.start_full_refresh(&d, &p);
+        }
+    }
 }

@@ -1,84 +1,15 @@
 //! The catalog against a real pipeline: auth attacks, the RBAC matrix,
 //! masking through every query shape, time travel, lineage and audit.
 
-use std::collections::BTreeMap;
-use std::path::Path;
 use std::time::Duration;
 
 use bytes::Bytes;
 use medallion_catalog::auth::mint_hs256;
-use medallion_runtime::{EnvReader, Runtime};
-use medallion_testkit::{NatsServer, eventually, free_port};
+use medallion_testkit::{NatsServer, eventually};
 use serde_json::{Value, json};
 
-const SECRET: &str = "catalog-test-secret-0123456789abcdef";
-
-fn vars(
-    nats: &NatsServer,
-    lake: &Path,
-    products: &Path,
-    addr_var: &str,
-    port: u16,
-) -> BTreeMap<String, String> {
-    [
-        ("NATS_URL", nats.url()),
-        ("MEDALLION_LAKE", lake.display().to_string()),
-        ("MEDALLION_PRODUCTS", products.display().to_string()),
-        (
-            "MEDALLION_PII_KEY",
-            "catalog-test-pii-key-0123456789".to_string(),
-        ),
-        ("MEDALLION_JWT_SECRET", SECRET.to_string()),
-        ("MEDALLION_BATCH_WAIT", "50ms".to_string()),
-        ("MEDALLION_RELOAD_INTERVAL", "300ms".to_string()),
-        (addr_var, format!("127.0.0.1:{port}")),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_string(), v))
-    .collect()
-}
-
-struct Api {
-    base: String,
-    http: reqwest::Client,
-}
-
-impl Api {
-    async fn call(
-        &self,
-        method: &str,
-        path: &str,
-        token: Option<&str>,
-        body: Option<Value>,
-    ) -> (u16, Value) {
-        let mut req = match method {
-            "GET" => self.http.get(format!("{}{path}", self.base)),
-            _ => self.http.post(format!("{}{path}", self.base)),
-        };
-        if let Some(t) = token {
-            req = req.header("authorization", format!("Bearer {t}"));
-        }
-        if let Some(b) = body {
-            req = req.json(&b);
-        }
-        // Status 0 = not listening yet (the catalog is still starting).
-        let Ok(resp) = req.send().await else {
-            return (0, Value::Null);
-        };
-        let status = resp.status().as_u16();
-        (status, resp.json().await.unwrap_or(Value::Null))
-    }
-
-    async fn query(&self, token: &str, sql: &str) -> (u16, Value) {
-        self.call(
-            "POST",
-            "/v1/query",
-            Some(token),
-            Some(json!({ "sql": sql })),
-        )
-        .await
-    }
-}
+mod common;
+use common::{Api, SECRET, start_platform};
 
 fn b64(v: &Value) -> String {
     // URL-safe base64 without padding, enough for a forged token.
@@ -121,54 +52,7 @@ async fn governance_end_to_end() {
         .await
         .unwrap();
 
-    let mut runtimes = Vec::new();
-    macro_rules! start {
-        ($krate:ident, $cfg:ident, $name:literal, $addr:literal) => {{
-            let mut r = EnvReader::from_map(vars(&nats, lake.path(), products.path(), $addr, 0));
-            let c = $krate::$cfg::from_env(&mut r);
-            r.finish().unwrap();
-            let rt = Runtime::new($name);
-            let fut = $krate::run(c, rt.clone());
-            tokio::spawn(async move {
-                // A service that stops on its own fails the test with its reason.
-                if let Err(e) = fut.await {
-                    panic!("{} stopped: {e:#}", $name);
-                }
-            });
-            runtimes.push(rt);
-        }};
-    }
-    start!(
-        medallion_ingest,
-        IngestConfig,
-        "medallion-ingest",
-        "MEDALLION_INGEST_ADDR"
-    );
-    start!(
-        medallion_transform,
-        TransformConfig,
-        "medallion-transform",
-        "MEDALLION_TRANSFORM_ADDR"
-    );
-    start!(
-        medallion_aggregate,
-        AggregateConfig,
-        "medallion-aggregate",
-        "MEDALLION_AGGREGATE_ADDR"
-    );
-    let port = free_port();
-    let mut r = EnvReader::from_map(vars(
-        &nats,
-        lake.path(),
-        products.path(),
-        "MEDALLION_CATALOG_ADDR",
-        port,
-    ));
-    let c = medallion_catalog::CatalogConfig::from_env(&mut r);
-    r.finish().unwrap();
-    let catalog = Runtime::new("medallion-catalog");
-    tokio::spawn(medallion_catalog::run(c, catalog.clone()));
-
+    let (runtimes, catalog, port) = start_platform(&nats, lake.path(), products.path()).await;
     let lines: Vec<String> = (0..300)
         .map(|i| {
             format!(

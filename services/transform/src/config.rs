@@ -1,8 +1,8 @@
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::time::Duration;
 
 use medallion_bus::batching::BatchLimits;
+use medallion_bus::registry::SpecOrigin;
 use medallion_bus::{NatsSettings, StreamSettings};
 use medallion_lake::Lake;
 use medallion_runtime::EnvReader;
@@ -15,8 +15,8 @@ pub struct TransformConfig {
     pub streams: StreamSettings,
     pub batch: BatchLimits,
     pub ack_wait: Duration,
-    /// Folder of DataProduct YAML files, re-read every `reload_interval`.
-    pub products: PathBuf,
+    /// Where product specs come from (re-read on change and every `reload_interval`).
+    pub specs: SpecOrigin,
     pub pii_key: Option<Vec<u8>>,
     /// How often specs are re-read and Bronze tables checked for versions no
     /// event announced (the safety net under the event fast path).
@@ -41,9 +41,7 @@ impl TransformConfig {
             streams: StreamSettings::from_env(env),
             batch: BatchLimits::from_env(env),
             ack_wait: env.duration("MEDALLION_ACK_WAIT"),
-            products: env
-                .path("MEDALLION_PRODUCTS")
-                .unwrap_or_else(|| PathBuf::from("./products")),
+            specs: SpecOrigin::from_env(env),
             pii_key,
             reload_interval: env.duration("MEDALLION_RELOAD_INTERVAL"),
         }

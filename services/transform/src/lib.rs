@@ -29,4 +29,4 @@ pub use service::run;
 /// Durable consumer name and Delta transaction app id.
 pub const APP_ID: &str = "medallion-transform";
 /// Request subject of `medallion replay <domain>.<product>` (payload: the product).
-pub const REPLAY_SUBJECT: &str = "medallion.control.replay";
+pub use medallion_bus::streams::REPLAY_SUBJECT;

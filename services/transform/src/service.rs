@@ -21,8 +21,9 @@ use tracing::{Instrument, error, info, info_span, warn};
 use crate::dedupe::KeySet;
 use crate::pipeline::{QualityCounts, transform};
 use crate::{APP_ID, REPLAY_SUBJECT, TransformConfig};
+use medallion_bus::registry::{SpecSource, sync_specs};
 use medallion_spec::PiiMode;
-use medallion_spec::folder::{ProductId, Products};
+use medallion_spec::products::{ProductId, Products};
 
 const LAYER: &str = "silver";
 /// Transaction versions are `generation << 40 | bronze version`: a replay
@@ -42,7 +43,10 @@ pub async fn run(config: TransformConfig, rt: Runtime) -> anyhow::Result<()> {
         .context("connecting to NATS and declaring the streams")?;
     let metrics = PipelineMetrics::register(&rt.registry)?;
     let addr = rt.serve_http(config.addr, axum::Router::new()).await?;
-    info!(%addr, lake = %lake.root(), products = %config.products.display(), "transform started");
+    let source = SpecSource::open(&config.specs, &js, &config.streams)
+        .await
+        .context("opening the product registry")?;
+    info!(%addr, lake = %lake.root(), specs = ?config.specs, "transform started");
 
     let consumer = medallion_bus::consumer::stage_consumer(
         &js,
@@ -62,7 +66,7 @@ pub async fn run(config: TransformConfig, rt: Runtime) -> anyhow::Result<()> {
         lake,
         js,
         client: client.clone(),
-        products: Products::new(config.products.clone()),
+        products: Products::new(),
         upstream: Default::default(),
         states: HashMap::new(),
         metrics,
@@ -70,17 +74,20 @@ pub async fn run(config: TransformConfig, rt: Runtime) -> anyhow::Result<()> {
         pii_key: config.pii_key.clone(),
         max_rows: config.batch.messages,
     };
-    t.reload().await;
+    t.reload(&source).await;
     rt.health.set_started();
     let mut tick = tokio::time::interval(config.reload_interval);
     loop {
         tokio::select! {
             _ = rt.shutdown.cancelled() => break,
             _ = tick.tick() => {
-                t.reload().await;
+                t.reload(&source).await;
                 t.catch_up_all().await;
             }
+            _ = source.changed() => t.reload(&source).await,
             Some(req) = replays.next() => {
+                // A replay right after a spec change must run the new spec.
+                t.reload(&source).await;
                 let answer = t.replay(String::from_utf8_lossy(&req.payload).trim()).await;
                 if let Some(reply) = req.reply {
                     let _ = client.publish(reply, answer.into()).await;
@@ -165,7 +172,7 @@ fn pid(c: &Contract) -> String {
 }
 
 impl Transform {
-    async fn reload(&mut self) {
+    async fn reload(&mut self, source: &SpecSource) {
         let has_key = self.pii_key.is_some();
         let check = |c: &Contract| -> Result<(), String> {
             match c
@@ -182,7 +189,14 @@ impl Transform {
                 _ => Ok(()),
             }
         };
-        let changes = self.products.reload(check, has_key as u64).await;
+        let changes = sync_specs(
+            source,
+            &mut self.products,
+            check,
+            has_key as u64,
+            &self.rt.health,
+        )
+        .await;
         for id in changes.updated.iter().chain(changes.removed.iter()) {
             // A new spec version starts from the committed state (and clears a halt).
             self.states.remove(id);
@@ -193,29 +207,6 @@ impl Transform {
                 .product_failed
                 .with_label_values(&[&format!("{}.{}", id.0, id.1)])
                 .set(0);
-        }
-        for id in &changes.updated {
-            info!(product = %format!("{}.{}", id.0, id.1), "product spec loaded");
-        }
-        for file in &changes.rejected {
-            let e = self
-                .products
-                .problems
-                .get(file)
-                .map(String::as_str)
-                .unwrap_or_default();
-            error!(file = %file.display(), error = %e, "product spec rejected; the last valid version keeps running");
-        }
-        let problems: Vec<String> = self
-            .products
-            .problems
-            .iter()
-            .map(|(p, e)| format!("{}: {e}", p.display()))
-            .collect();
-        if problems.is_empty() {
-            self.rt.health.clear_problem("specs");
-        } else {
-            self.rt.health.set_problem("specs", problems.join("; "));
         }
     }
 
@@ -398,7 +389,7 @@ impl Transform {
         };
         let id = (d.to_string(), p.to_string());
         if !self.products.contracts.contains_key(&id) {
-            return format!("error: no product spec for {product} in the products folder");
+            return format!("error: no product spec registered for {product}");
         }
         self.states.remove(&id);
         let Some(state) = self.state(&id).await else {
@@ -730,12 +721,10 @@ async fn open_state(lake: &Lake, contract: Arc<Contract>) -> Result<ProductState
     )
     .await
     .map_err(|e| e.to_string())?;
-    if !same_columns(silver.schema(), &contract.silver_schema) {
-        return Err(format!(
-            "the spec's columns differ from {}; a schema change needs a new product name (or drop the table) — medallion replay keeps the table's schema",
-            silver_ref.sql_name()
-        ));
-    }
+    // A spec whose columns differ from the table's is fine here: the writer
+    // adds new optional columns on the next commit, and refuses anything else
+    // with the fix (a full refresh, which rewrites the table under the new
+    // schema).
     let qoptions = TableOptions {
         description: Some(format!(
             "Rows of {d}.{p} rejected by its contract, with the reasons"
@@ -769,14 +758,6 @@ async fn open_state(lake: &Lake, contract: Arc<Contract>) -> Result<ProductState
         halted: None,
         commits_since_snapshot: 0,
     })
-}
-
-fn same_columns(a: &arrow::datatypes::Schema, b: &arrow::datatypes::Schema) -> bool {
-    a.fields().len() == b.fields().len()
-        && a.fields()
-            .iter()
-            .zip(b.fields().iter())
-            .all(|(x, y)| x.name() == y.name() && x.data_type() == y.data_type())
 }
 
 /// The key set as of Silver's current version: newest snapshot + later commits.

@@ -48,6 +48,7 @@ async fn silver_is_identical_after_kill_9() {
         ("NATS_URL", nats.url()),
         ("MEDALLION_LAKE", lake_dir.path().display().to_string()),
         ("MEDALLION_PRODUCTS", products.path().display().to_string()),
+        ("MEDALLION_SPEC_SOURCE", "folder".to_string()),
         (
             "MEDALLION_PII_KEY",
             "crash-test-pii-key-0123456789".to_string(),

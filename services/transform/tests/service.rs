@@ -28,6 +28,8 @@ fn vars(
             "MEDALLION_PRODUCTS".to_string(),
             products.display().to_string(),
         ),
+        // No catalog in these tests: specs straight from the folder.
+        ("MEDALLION_SPEC_SOURCE".to_string(), "folder".to_string()),
         ("MEDALLION_PII_KEY".to_string(), PII_KEY.to_string()),
         ("MEDALLION_BATCH_WAIT".to_string(), "50ms".to_string()),
         ("MEDALLION_RELOAD_INTERVAL".to_string(), "300ms".to_string()),

@@ -1,0 +1,298 @@
+//! Registering, changing and deleting products (`admin` only). The registry
+//! keeps a revision per change; a change that rows already written cannot
+//! take is refused with each breaking change named, unless the request asks
+//! for a full refresh, which rebuilds Silver and Gold from Bronze.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Json;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use medallion_bus::registry::{self, WriteError};
+use medallion_spec::{Contract, breaking_changes};
+use serde::Deserialize;
+use serde_json::json;
+use tracing::{error, info};
+
+use crate::api::{ApiError, ApiResult, AppState, caller, deny, visible_product};
+use crate::audit::AuditRecord;
+use crate::auth::Caller;
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct PutParams {
+    #[serde(default)]
+    full_refresh: bool,
+}
+
+async fn require_admin(
+    s: &AppState,
+    c: &Caller,
+    action: &str,
+    target: &str,
+) -> Result<(), ApiError> {
+    if c.is_admin() {
+        return Ok(());
+    }
+    Err(deny(
+        s,
+        c,
+        action,
+        target,
+        "changing product specs needs the admin role".into(),
+    )
+    .await)
+}
+
+/// A product a file defines is changed by editing the file.
+async fn refuse_if_managed(
+    s: &AppState,
+    c: &Caller,
+    action: &str,
+    d: &str,
+    p: &str,
+) -> Result<(), ApiError> {
+    let managed = s
+        .seed
+        .lock()
+        .await
+        .managed
+        .get(&(d.to_string(), p.to_string()))
+        .cloned();
+    match managed {
+        None => Ok(()),
+        Some(file) => {
+            let reason = format!(
+                "{d}.{p} is defined by the file {file} in MEDALLION_PRODUCTS; change or remove that file instead (the folder would otherwise undo this request)"
+            );
+            s.audit
+                .record(AuditRecord::denied(
+                    &c.user,
+                    action,
+                    &format!("{d}.{p}"),
+                    &reason,
+                ))
+                .await;
+            Err(ApiError(StatusCode::CONFLICT, reason))
+        }
+    }
+}
+
+pub async fn put_product(
+    State(s): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path((d, p)): Path<(String, String)>,
+    Query(params): Query<PutParams>,
+    body: String,
+) -> ApiResult {
+    let target = format!("{d}.{p}");
+    let c = caller(&s, &headers, "put_product", &target).await?;
+    require_admin(&s, &c, "put_product", &target).await?;
+    refuse_if_managed(&s, &c, "put_product", &d, &p).await?;
+    // YAML is a superset of JSON: either body is accepted.
+    let new = Contract::from_yaml(&body)
+        .await
+        .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.to_string()))?;
+    if new.domain() != d || new.name() != p {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "the document is {}.{} (spec.domain, metadata.name) but the path names {target}; make them agree",
+                new.domain(),
+                new.name()
+            ),
+        ));
+    }
+    let key = registry::key(&d, &p);
+    let current = s
+        .registry
+        .current(&key)
+        .await
+        .map_err(|e| ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
+    let mut breaking = Vec::new();
+    if let Some((_, old_text)) = &current {
+        if *old_text == body {
+            let revision = current.as_ref().map(|(r, _)| *r);
+            return Ok(Json(
+                json!({"product": target, "revision": revision, "changed": false}),
+            ));
+        }
+        if let Ok(old) = Contract::from_yaml(old_text).await {
+            breaking = breaking_changes(&old, &new);
+        }
+    }
+    if !breaking.is_empty() && !params.full_refresh {
+        let reason = format!(
+            "breaking changes: {}. Rows already in Silver and Gold were written under the registered version; to rebuild them from Bronze under the new spec, repeat the request with ?full_refresh=true",
+            breaking.join("; ")
+        );
+        s.audit
+            .record(AuditRecord::denied(
+                &c.user,
+                "put_product",
+                &target,
+                &reason,
+            ))
+            .await;
+        return Err(ApiError(StatusCode::CONFLICT, reason));
+    }
+    let revision = match s
+        .registry
+        .write(&key, &body, current.as_ref().map(|(r, _)| *r))
+        .await
+    {
+        Ok(r) => r,
+        Err(WriteError::Conflict) => {
+            return Err(ApiError(
+                StatusCode::CONFLICT,
+                format!("{target} changed while this request was checked; read it again and retry"),
+            ));
+        }
+        Err(WriteError::Bus(e)) => {
+            return Err(ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string()));
+        }
+    };
+    s.audit
+        .record(AuditRecord::allowed(
+            &c.user,
+            "put_product",
+            &target,
+            Some(revision as i64),
+            None,
+        ))
+        .await;
+    s.sync().await;
+    let rebuild = !breaking.is_empty() || (params.full_refresh && current.is_some());
+    if rebuild {
+        s.start_full_refresh(&d, &p);
+    }
+    Ok(Json(json!({
+        "product": target,
+        "revision": revision,
+        "changed": true,
+        "created": current.is_none(),
+        "breaking_changes": breaking,
+        "full_refresh": if rebuild { "started" } else { "not needed" },
+    })))
+}
+
+pub async fn delete_product(
+    State(s): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path((d, p)): Path<(String, String)>,
+) -> ApiResult {
+    let target = format!("{d}.{p}");
+    let c = caller(&s, &headers, "delete_product", &target).await?;
+    require_admin(&s, &c, "delete_product", &target).await?;
+    refuse_if_managed(&s, &c, "delete_product", &d, &p).await?;
+    let key = registry::key(&d, &p);
+    let Some((revision, _)) = s
+        .registry
+        .current(&key)
+        .await
+        .map_err(|e| ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?
+    else {
+        return Err(ApiError(
+            StatusCode::NOT_FOUND,
+            format!("no product {target}"),
+        ));
+    };
+    match s.registry.delete(&key, revision).await {
+        Ok(()) => {}
+        Err(WriteError::Conflict) => {
+            return Err(ApiError(
+                StatusCode::CONFLICT,
+                format!("{target} changed while this request was checked; retry"),
+            ));
+        }
+        Err(WriteError::Bus(e)) => {
+            return Err(ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string()));
+        }
+    }
+    s.audit
+        .record(AuditRecord::allowed(
+            &c.user,
+            "delete_product",
+            &target,
+            Some(revision as i64),
+            None,
+        ))
+        .await;
+    s.sync().await;
+    // The tables stay: unregistering stops processing, it does not destroy data.
+    Ok(Json(
+        json!({"product": target, "deleted": true, "tables_kept": true}),
+    ))
+}
+
+pub async fn versions(
+    State(s): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path((d, p)): Path<(String, String)>,
+) -> ApiResult {
+    let target = format!("{d}.{p}");
+    let c = caller(&s, &headers, "versions", &target).await?;
+    if !c.is_admin() {
+        visible_product(&s, &c, "versions", &d, &p).await?;
+    }
+    let history = s
+        .registry
+        .history(&registry::key(&d, &p))
+        .await
+        .map_err(|e| ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
+    if history.is_empty() {
+        return Err(ApiError(
+            StatusCode::NOT_FOUND,
+            format!("no product {target}"),
+        ));
+    }
+    s.audit
+        .record(AuditRecord::allowed(
+            &c.user,
+            "versions",
+            &target,
+            None,
+            Some(history.len()),
+        ))
+        .await;
+    let versions: Vec<_> = history
+        .into_iter()
+        .map(|v| {
+            json!({
+                "revision": v.revision,
+                "at": v.at.to_rfc3339(),
+                "deleted": v.document.is_none(),
+                "document": v.document,
+            })
+        })
+        .collect();
+    Ok(Json(json!({"product": target, "versions": versions})))
+}
+
+impl AppState {
+    /// Asks the transform to rebuild Silver from Bronze under the registered
+    /// spec (Gold follows: the aggregate rebuilds when Silver is rewritten).
+    /// Runs in the background: a rebuild takes as long as Bronze is large.
+    pub fn start_full_refresh(&self, d: &str, p: &str) {
+        let client = self.client.clone();
+        let product = format!("{d}.{p}");
+        tokio::spawn(async move {
+            info!(product = %product, "full refresh requested");
+            let request = async_nats::Request::new()
+                .payload(product.clone().into())
+                .timeout(Some(Duration::from_secs(3600)));
+            match client
+                .send_request(medallion_bus::streams::REPLAY_SUBJECT, request)
+                .await
+            {
+                Ok(answer) => {
+                    info!(product = %product, answer = %String::from_utf8_lossy(&answer.payload), "full refresh answered")
+                }
+                Err(e) => {
+                    error!(product = %product, error = %e, "full refresh not done: is medallion-transform running? run `medallion replay` once it is")
+                }
+            }
+        });
+    }
+}
