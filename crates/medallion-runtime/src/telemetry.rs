@@ -107,6 +107,10 @@ fn with_quiet_dependencies(filter: &str) -> String {
         ("tower", "warn"),
         ("hyper", "warn"),
         ("buoyant_kernel", "off"),
+        // An unreachable collector is reported once, by us (see
+        // `warn_if_unreachable`), not as an ERROR per failed export.
+        ("opentelemetry_sdk", "off"),
+        ("opentelemetry_otlp", "off"),
     ] {
         if !filter.contains(noisy) {
             f.push_str(&format!(",{noisy}={level}"));
@@ -144,6 +148,11 @@ impl Telemetry {
         if let Some(p) = &provider {
             opentelemetry::global::set_tracer_provider(p.clone());
         }
+        if provider.is_some()
+            && let Some(endpoint) = settings.endpoint.clone()
+        {
+            tokio::spawn(warn_if_unreachable(endpoint));
+        }
         let subscriber = tracing_subscriber::registry()
             .with(otel)
             .with(SpanFieldsLayer)
@@ -163,6 +172,29 @@ impl Telemetry {
             })
             .await;
         }
+    }
+}
+
+/// One warning when the collector cannot be reached at start: spans are
+/// dropped (the exporter's queue is bounded), the pipeline is unaffected.
+async fn warn_if_unreachable(endpoint: String) {
+    let Ok(url) = url::Url::parse(&endpoint) else {
+        tracing::warn!(
+            endpoint,
+            "OTEL_EXPORTER_OTLP_ENDPOINT is not a URL; no spans are exported"
+        );
+        return;
+    };
+    let (Some(host), Some(port)) = (url.host_str(), url.port_or_known_default()) else {
+        return;
+    };
+    let connect = tokio::net::TcpStream::connect((host, port));
+    match tokio::time::timeout(std::time::Duration::from_secs(5), connect).await {
+        Ok(Ok(_)) => {}
+        _ => tracing::warn!(
+            endpoint,
+            "the OTLP collector is not reachable; spans are dropped until it is (the pipeline is not affected)"
+        ),
     }
 }
 

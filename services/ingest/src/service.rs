@@ -192,12 +192,25 @@ impl Ingest {
             }
         }
         span.record("bytes", bytes);
+        // The batch span links to every traced message, and each message's
+        // trace continues here; the bronze event carries those contexts on.
+        let links: BTreeMap<TableRef, Vec<String>> = groups
+            .iter()
+            .map(|(tref, msgs)| {
+                let l = trace::continue_traces(
+                    "ingest.message",
+                    msgs.iter().filter_map(|m| m.traceparent.as_deref()),
+                    &span,
+                );
+                (tref.clone(), l)
+            })
+            .collect();
         let ok = async {
             if !invalid.is_empty() && !self.dead_letter(&invalid).await {
                 return false;
             }
             for (tref, msgs) in groups {
-                if !self.commit_product(&tref, &msgs).await {
+                if !self.commit_product(&tref, &msgs, &links[&tref]).await {
                     return false;
                 }
             }
@@ -254,7 +267,12 @@ impl Ingest {
     /// Commits the messages of one product that are not in Bronze yet, retrying
     /// until the lake accepts them (or shutdown: then nothing is purged and the
     /// messages are read again at the next start).
-    async fn commit_product(&mut self, tref: &TableRef, msgs: &[RawMessage]) -> bool {
+    async fn commit_product(
+        &mut self,
+        tref: &TableRef,
+        msgs: &[RawMessage],
+        links: &[String],
+    ) -> bool {
         let product = format!("{}.{}", tref.domain, tref.name);
         let table = tref.sql_name();
         let in_bytes: usize = msgs.iter().map(|m| m.payload.len()).sum();
@@ -271,7 +289,7 @@ impl Ingest {
             if self.rt.shutdown.is_cancelled() {
                 return false;
             }
-            let result = self.try_commit(tref, &product, msgs).await;
+            let result = self.try_commit(tref, &product, msgs, links).await;
             match result {
                 Ok(()) => {
                     self.rt.health.clear_problem("lake");
@@ -299,6 +317,7 @@ impl Ingest {
         tref: &TableRef,
         product: &str,
         msgs: &[RawMessage],
+        links: &[String],
     ) -> Result<(), String> {
         let metrics = self.metrics.clone();
         let writer = self.writer(tref).await?;
@@ -322,11 +341,6 @@ impl Ingest {
             rows = fresh.len(),
             bytes,
             version = tracing::field::Empty
-        );
-        let links = trace::continue_traces(
-            "ingest.message",
-            fresh.iter().filter_map(|m| m.traceparent.as_deref()),
-            &span,
         );
         let schema = writer.schema().clone();
         let batch = to_batch(&schema, &fresh).map_err(|e| e.to_string())?;
@@ -362,7 +376,7 @@ impl Ingest {
         metrics.batch_rows.observe(fresh.len() as f64);
         metrics.committed(&tref.sql_name(), version);
         failpoint::hit("ingest.after_commit");
-        self.announce(tref, version, &schema, &batch, &links)
+        self.announce(tref, version, &schema, &batch, links)
             .instrument(span)
             .await;
         Ok(())

@@ -300,7 +300,7 @@ impl Transform {
             };
             let product = pid(&state.contract);
             let span = info_span!(
-                "silver.batch",
+                "transform.batch",
                 product,
                 layer = LAYER,
                 from = state.processed + 1,

@@ -1,0 +1,67 @@
+//! Runs the real service binaries as a user would: separate processes with
+//! their settings in the environment, logs in a file, killed on drop.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use medallion_testkit::KillOnDrop;
+
+/// The path of a workspace binary, built on first use if a narrower
+/// `cargo test -p medallion-e2e` did not build it.
+pub fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test> → target/<profile>/<name>
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let path = dir.join(name);
+    if !path.exists() {
+        let status = Command::new(env!("CARGO"))
+            .args(["build", "--bin", name])
+            .status()
+            .expect("run cargo build");
+        assert!(status.success(), "cargo build --bin {name} failed");
+    }
+    path
+}
+
+/// A running service binary.
+pub struct Service {
+    pub name: &'static str,
+    pub log: PathBuf,
+    process: KillOnDrop,
+}
+
+impl Service {
+    pub fn start(name: &'static str, vars: &BTreeMap<String, String>, logs: &Path) -> Service {
+        let log = match std::env::var("MEDALLION_E2E_LOGS") {
+            Ok(d) => PathBuf::from(d).join(format!("{name}.log")),
+            Err(_) => logs.join(format!("{name}.log")),
+        };
+        let file = std::fs::File::create(&log).expect("create log file");
+        let mut cmd = Command::new(binary(name));
+        cmd.env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .envs(vars)
+            .env("MEDALLION_LOG_FORMAT", "json")
+            .stdout(Stdio::from(file.try_clone().expect("clone log handle")))
+            .stderr(Stdio::from(file));
+        let process = KillOnDrop(cmd.spawn().unwrap_or_else(|e| panic!("start {name}: {e}")));
+        Service { name, log, process }
+    }
+
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGTERM and wait: the graceful path (flush and commit, ack, flush telemetry).
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.process.0.id().to_string()])
+            .status();
+        self.process.0.wait().expect("wait for service")
+    }
+
+    pub fn kill(&mut self) {
+        self.process.kill();
+    }
+}
