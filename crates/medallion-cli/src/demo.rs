@@ -37,6 +37,39 @@ fn payments(n: usize) -> Vec<Vec<u8>> {
         .collect()
 }
 
+/// Publishes the demo events to a platform running elsewhere, retrying the
+/// connection while it starts (compose starts everything at once).
+pub async fn publish_only(nats: &str, events: usize) -> anyhow::Result<()> {
+    let mut attempt = 0;
+    let client = loop {
+        match async_nats::connect(nats).await {
+            Ok(c) => break c,
+            Err(_) if attempt < 60 => {
+                attempt += 1;
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err(e) => return Err(anyhow::anyhow!("cannot reach NATS at {nats}: {e}")),
+        }
+    };
+    let js = async_nats::jetstream::new(client);
+    // The ingest stream exists once medallion-ingest has started.
+    for _ in 0..60 {
+        if js
+            .get_stream(medallion_bus::streams::INGEST_STREAM)
+            .await
+            .is_ok()
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let n = publish_all(&js, "medallion.ingest.finance.payments", payments(events)).await?;
+    println!(
+        "published {n} message(s) with {events} payment events to medallion.ingest.finance.payments"
+    );
+    Ok(())
+}
+
 pub async fn run(
     nats: &str,
     lake: &str,

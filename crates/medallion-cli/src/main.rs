@@ -60,6 +60,10 @@ enum Command {
         /// Keep running after the demo (like `up`).
         #[arg(long)]
         keep: bool,
+        /// Only publish the demo events to the NATS at --nats (services
+        /// running elsewhere, e.g. docker compose), then exit.
+        #[arg(long, conflicts_with = "keep")]
+        publish_only: bool,
     },
     /// Publish raw events to medallion.ingest.<domain>.<product>: each line of
     /// the input is one message (or N lines per message with --lines).
@@ -142,8 +146,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             );
             platform.wait_for_ctrl_c().await
         }
-        Command::Demo { events, keep } => {
-            demo::run(&cli.nats, &cli.lake, &cli.products, events, keep).await
+        Command::Demo {
+            events,
+            keep,
+            publish_only,
+        } => {
+            if publish_only {
+                demo::publish_only(&cli.nats, events).await
+            } else {
+                demo::run(&cli.nats, &cli.lake, &cli.products, events, keep).await
+            }
         }
         Command::Publish {
             product,

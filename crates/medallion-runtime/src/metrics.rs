@@ -198,6 +198,19 @@ impl PipelineMetrics {
         })
     }
 
+    /// Observes, for each committed row, the time since ingest received its
+    /// message (`received_us`, microseconds since the epoch).
+    pub fn observe_latency(&self, layer: &str, received_us: &[i64]) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_micros() as i64)
+            .unwrap_or(0);
+        let h = self.latency_seconds.with_label_values(&[layer]);
+        for r in received_us {
+            h.observe((now - r).max(0) as f64 / 1e6);
+        }
+    }
+
     /// Records a commit of `table` at `version` now.
     pub fn committed(&self, table: &str, version: i64) {
         self.table_version.with_label_values(&[table]).set(version);

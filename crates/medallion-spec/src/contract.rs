@@ -21,6 +21,15 @@ use crate::types::{ColumnType, parse_duration, timestamp_utc};
 pub const BRONZE_SEQ_COLUMN: &str = "_bronze_seq";
 pub const INGESTED_AT_COLUMN: &str = "_ingested_at";
 
+/// When ingest received each row's message (µs since the epoch), if `b` is
+/// a Silver batch.
+pub fn ingested_at_micros(b: &arrow::array::RecordBatch) -> Option<&[i64]> {
+    b.column_by_name(INGESTED_AT_COLUMN)?
+        .as_any()
+        .downcast_ref::<arrow::array::TimestampMicrosecondArray>()
+        .map(|a| a.values().as_ref())
+}
+
 static PRODUCT_NAME: LazyLock<Regex> =
     LazyLock::new(|| Regex::new("^[a-z][a-z0-9_]{0,62}$").expect("static regex"));
 static COLUMN_NAME: LazyLock<Regex> =

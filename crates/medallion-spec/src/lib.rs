@@ -16,7 +16,9 @@ pub mod products;
 pub mod types;
 
 pub use compat::breaking_changes;
-pub use contract::{BRONZE_SEQ_COLUMN, Contract, INGESTED_AT_COLUMN, is_valid_name, parse_yaml};
+pub use contract::{
+    BRONZE_SEQ_COLUMN, Contract, INGESTED_AT_COLUMN, ingested_at_micros, is_valid_name, parse_yaml,
+};
 pub use error::{SpecError, SpecErrors};
 pub use gold::{AggKind, GoldPlan, OutputColumn};
 pub use model::*;

@@ -346,6 +346,13 @@ async fn advance(
         .with_label_values(&[LAYER, &tref.name])
         .inc_by(touched.len() as u64);
     metrics.committed(&tref.sql_name(), version);
+    if !refresh {
+        for b in &rows {
+            if let Some(at) = medallion_spec::ingested_at_micros(b) {
+                metrics.observe_latency(LAYER, at);
+            }
+        }
+    }
     info!(table = %tref, groups = touched.len(), version, silver_version = last, "gold.commit");
     let changed = t.state.rows_of(&touched);
     let commit = Commit {

@@ -633,6 +633,13 @@ async fn commit(
         }
     }
     metrics.committed(&silver_ref.sql_name(), version);
+    if !replaced {
+        for b in &silver {
+            if let Some(at) = medallion_spec::ingested_at_micros(b) {
+                metrics.observe_latency(LAYER, at);
+            }
+        }
+    }
     info!(
         product,
         layer = LAYER,
