@@ -7,7 +7,7 @@ use std::time::Duration;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::get;
 use axum::{Json, Router};
 use medallion_bus::registry::{Registry, SpecSource};
 use medallion_lake::Lake;
@@ -17,6 +17,8 @@ use medallion_spec::{Contract, TableRef};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::sync::RwLock;
+use utoipa::OpenApi;
+use utoipa_axum::{router::OpenApiRouter, routes};
 
 use crate::access::{can_see_product, grants_for};
 use crate::audit::{Audit, AuditRecord};
@@ -31,30 +33,60 @@ pub struct AppState {
     pub seed: tokio::sync::Mutex<crate::seed::FolderSeed>,
     pub client: async_nats::Client,
     pub health: medallion_runtime::Health,
+    pub quality: crate::quality::Quality,
     pub verifier: Verifier,
     pub audit: Audit,
     pub row_limit: usize,
     pub query_timeout: Duration,
 }
 
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "Medallion catalog", description = "Data products, lineage, SQL with time travel, RBAC and audit"),
+    modifiers(&BearerAuth)
+)]
+struct ApiDoc;
+
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .bearer_format("JWT")
+                    .build(),
+            ),
+        );
+    }
+}
+
+/// The routes and the OpenAPI document, built from the same handler
+/// annotations, so the document cannot drift from what is served.
 pub fn router(state: Arc<AppState>) -> Router {
-    Router::new()
-        .route("/v1/products", get(list_products))
-        .route(
-            "/v1/products/{domain}/{product}",
-            get(get_product)
-                .put(crate::specs_api::put_product)
-                .delete(crate::specs_api::delete_product),
-        )
-        .route(
-            "/v1/products/{domain}/{product}/versions",
-            get(crate::specs_api::versions),
-        )
-        .route("/v1/products/{domain}/{product}/lineage", get(lineage))
-        .route("/v1/tables/{layer}/{domain}/{table}", get(table_info))
-        .route("/v1/query", post(query))
-        .route("/v1/audit", get(audit_log))
+    let (router, doc) = OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(list_products))
+        .routes(routes!(
+            get_product,
+            crate::specs_api::put_product,
+            crate::specs_api::delete_product
+        ))
+        .routes(routes!(crate::specs_api::versions))
+        .routes(routes!(lineage))
+        .routes(routes!(table_info))
+        .routes(routes!(query))
+        .routes(routes!(audit_log))
         .with_state(state)
+        .split_for_parts();
+    let doc = Arc::new(doc);
+    router.route(
+        "/v1/openapi.json",
+        get(move || async move { Json(doc.as_ref().clone()) }),
+    )
 }
 
 pub(crate) struct ApiError(pub StatusCode, pub String);
@@ -104,6 +136,12 @@ pub(crate) async fn deny(
     ApiError(StatusCode::FORBIDDEN, reason)
 }
 
+#[utoipa::path(get, path = "/v1/products", tag = "products",
+    params(("q" = Option<String>, Query, description = "Text in name or description"),
+           ("domain" = Option<String>, Query), ("tag" = Option<String>, Query), ("owner" = Option<String>, Query)),
+    responses((status = 200, description = "Products the caller may see, with tables, freshness and quality"),
+              (status = 401, description = "No valid bearer token")),
+    security(("bearer" = [])))]
 async fn list_products(
     State(s): State<Arc<AppState>>,
     headers: HeaderMap,
@@ -116,7 +154,9 @@ async fn list_products(
         if !can_see_product(&c, contract) || !q.matches(contract) {
             continue;
         }
-        out.push(product_summary(&s.lake, &c, contract).await);
+        let mut summary = product_summary(&s.lake, &c, contract).await;
+        add_quality(&s, contract, &mut summary).await;
+        out.push(summary);
     }
     s.audit
         .record(AuditRecord::allowed(
@@ -148,6 +188,14 @@ impl Search {
                 let q = q.to_lowercase();
                 c.name().contains(&q) || spec.description.to_lowercase().contains(&q)
             })
+    }
+}
+
+/// Quality counts per expectation, from the transform's events.
+async fn add_quality(s: &AppState, contract: &Contract, summary: &mut Value) {
+    let key = format!("{}.{}", contract.domain(), contract.name());
+    if let Some(q) = s.quality.read().await.get(&key) {
+        summary["quality"] = serde_json::to_value(q).unwrap_or(Value::Null);
     }
 }
 
@@ -236,6 +284,12 @@ pub(crate) async fn visible_product(
     Ok(contract)
 }
 
+#[utoipa::path(get, path = "/v1/products/{domain}/{product}", tag = "products",
+    params(("domain" = String, Path), ("product" = String, Path)),
+    responses((status = 200, description = "The product with its spec, revision and tables"),
+              (status = 403, description = "No role of the caller is granted the product"),
+              (status = 404, description = "No such product")),
+    security(("bearer" = [])))]
 async fn get_product(
     State(s): State<Arc<AppState>>,
     headers: HeaderMap,
@@ -245,6 +299,7 @@ async fn get_product(
     let c = caller(&s, &headers, "get_product", &target).await?;
     let contract = visible_product(&s, &c, "get_product", &d, &p).await?;
     let mut summary = product_summary(&s.lake, &c, &contract).await;
+    add_quality(&s, &contract, &mut summary).await;
     summary["spec"] = serde_json::to_value(&contract.product).unwrap_or(Value::Null);
     let key = medallion_bus::registry::key(&d, &p);
     if let Ok(Some((revision, _))) = s.registry.current(&key).await {
@@ -265,6 +320,10 @@ async fn get_product(
     Ok(Json(summary))
 }
 
+#[utoipa::path(get, path = "/v1/products/{domain}/{product}/lineage", tag = "lineage",
+    params(("domain" = String, Path), ("product" = String, Path)),
+    responses((status = 200, description = "Table and column lineage"), (status = 403, description = "Not granted")),
+    security(("bearer" = [])))]
 async fn lineage(
     State(s): State<Arc<AppState>>,
     headers: HeaderMap,
@@ -304,6 +363,10 @@ async fn lineage(
     ))
 }
 
+#[utoipa::path(get, path = "/v1/tables/{layer}/{domain}/{table}", tag = "tables",
+    params(("layer" = String, Path, description = "bronze, silver or gold"), ("domain" = String, Path), ("table" = String, Path)),
+    responses((status = 200, description = "Schema, version, rows, last commit, freshness"), (status = 403, description = "Not granted")),
+    security(("bearer" = [])))]
 async fn table_info(
     State(s): State<Arc<AppState>>,
     headers: HeaderMap,
@@ -348,6 +411,12 @@ struct QueryRequest {
     version: Option<i64>,
 }
 
+#[utoipa::path(post, path = "/v1/query", tag = "query",
+    request_body(content = String, description = "{\"sql\": \"SELECT ...\", \"version\": n}", content_type = "application/json"),
+    responses((status = 200, description = "columns, rows, row_count, truncated"),
+              (status = 400, description = "The engine's message"),
+              (status = 403, description = "A referenced table is not granted")),
+    security(("bearer" = [])))]
 async fn query(
     State(s): State<Arc<AppState>>,
     headers: HeaderMap,
@@ -469,6 +538,11 @@ struct AuditQuery {
     limit: Option<usize>,
 }
 
+#[utoipa::path(get, path = "/v1/audit", tag = "audit",
+    params(("user" = Option<String>, Query), ("product" = Option<String>, Query),
+           ("since" = Option<String>, Query, description = "RFC 3339"), ("limit" = Option<usize>, Query)),
+    responses((status = 200, description = "Audit records, oldest first"), (status = 403, description = "Needs admin")),
+    security(("bearer" = [])))]
 async fn audit_log(
     State(s): State<Arc<AppState>>,
     headers: HeaderMap,

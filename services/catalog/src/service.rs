@@ -37,6 +37,7 @@ pub async fn run(config: CatalogConfig, rt: Runtime) -> anyhow::Result<()> {
         seed: tokio::sync::Mutex::new(FolderSeed::new(config.products.clone())),
         client: client.clone(),
         health: rt.health.clone(),
+        quality: crate::quality::follow(js.clone()),
         verifier,
         audit: Audit::new(js),
         row_limit: config.row_limit,

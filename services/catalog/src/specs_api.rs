@@ -79,6 +79,15 @@ async fn refuse_if_managed(
     }
 }
 
+#[utoipa::path(put, path = "/v1/products/{domain}/{product}", tag = "products",
+    params(("domain" = String, Path), ("product" = String, Path),
+           ("full_refresh" = Option<bool>, Query, description = "Take breaking changes by rebuilding Silver and Gold from Bronze")),
+    request_body(content = String, description = "A DataProduct document (YAML or JSON)", content_type = "application/yaml"),
+    responses((status = 200, description = "Registered: revision, breaking changes, full refresh"),
+              (status = 400, description = "The spec does not compile (the field and the fix)"),
+              (status = 403, description = "Needs admin"),
+              (status = 409, description = "Breaking changes without full_refresh, a file owns the product, or a concurrent change")),
+    security(("bearer" = [])))]
 pub async fn put_product(
     State(s): State<Arc<AppState>>,
     headers: HeaderMap,
@@ -177,6 +186,11 @@ pub async fn put_product(
     })))
 }
 
+#[utoipa::path(delete, path = "/v1/products/{domain}/{product}", tag = "products",
+    params(("domain" = String, Path), ("product" = String, Path)),
+    responses((status = 200, description = "Unregistered; the tables stay"), (status = 403, description = "Needs admin"),
+              (status = 404, description = "No such product"), (status = 409, description = "A file owns the product")),
+    security(("bearer" = [])))]
 pub async fn delete_product(
     State(s): State<Arc<AppState>>,
     headers: HeaderMap,
@@ -226,6 +240,10 @@ pub async fn delete_product(
     ))
 }
 
+#[utoipa::path(get, path = "/v1/products/{domain}/{product}/versions", tag = "products",
+    params(("domain" = String, Path), ("product" = String, Path)),
+    responses((status = 200, description = "Every stored revision with its document"), (status = 404, description = "No such product")),
+    security(("bearer" = [])))]
 pub async fn versions(
     State(s): State<Arc<AppState>>,
     headers: HeaderMap,

@@ -232,10 +232,23 @@ async fn governance_end_to_end() {
     assert_eq!((s, v["rows"][0]["n"].clone()), (200, json!(0)), "{v}");
 
     // Discovery and lineage.
+    eventually(Duration::from_secs(30), "quality counts", || async {
+        let (_, v) = api
+            .call("GET", "/v1/products/finance/payments", Some(&auditor), None)
+            .await;
+        v["quality"]["rows_out"] == json!(300)
+    })
+    .await;
     let (s, v) = api
         .call("GET", "/v1/products/finance/payments", Some(&auditor), None)
         .await;
     assert_eq!(s, 200);
+    assert_eq!(
+        v["quality"]["expectations"]["positive_amount"],
+        json!({"action": "quarantine", "passed": 300, "failed": 0}),
+        "{v}"
+    );
+    assert_eq!(v["quality"]["rows_in"], json!(300));
     assert_eq!(v["owner"], "payments-team@example.com");
     let tables: Vec<String> = v["tables"]
         .as_array()

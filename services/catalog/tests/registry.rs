@@ -343,6 +343,65 @@ async fn registry_round_trip_compatibility_and_hot_reload() {
             "{want:?} not in {actions:?}"
         );
     }
+    // The OpenAPI document lists exactly the served routes, each behind auth.
+    let doc: serde_json::Value = reqwest::get(format!("{}/v1/openapi.json", api.base))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let mut documented: Vec<(String, String)> = doc["paths"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .flat_map(|(path, ops)| {
+            ops.as_object()
+                .unwrap()
+                .keys()
+                .map(|m| (m.to_uppercase(), path.clone()))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    documented.sort();
+    let want: Vec<(String, String)> = [
+        ("DELETE", "/v1/products/{domain}/{product}"),
+        ("GET", "/v1/audit"),
+        ("GET", "/v1/products"),
+        ("GET", "/v1/products/{domain}/{product}"),
+        ("GET", "/v1/products/{domain}/{product}/lineage"),
+        ("GET", "/v1/products/{domain}/{product}/versions"),
+        ("GET", "/v1/tables/{layer}/{domain}/{table}"),
+        ("POST", "/v1/query"),
+        ("PUT", "/v1/products/{domain}/{product}"),
+    ]
+    .iter()
+    .map(|(m, p)| (m.to_string(), p.to_string()))
+    .collect();
+    assert_eq!(documented, want);
+    for (method, path) in &documented {
+        let concrete = path
+            .replace("{domain}", "finance")
+            .replace("{product}", "payments")
+            .replace("{layer}", "gold")
+            .replace("{table}", "t");
+        let url = format!("{}{concrete}", api.base);
+        let req = match method.as_str() {
+            "GET" => api.http.get(url),
+            "PUT" => api.http.put(url).body("x"),
+            "DELETE" => api.http.delete(url),
+            _ => api.http.post(url).json(&json!({"sql": "SELECT 1"})),
+        };
+        let status = req.send().await.unwrap().status().as_u16();
+        assert_eq!(
+            status, 401,
+            "{method} {path} is documented and served behind auth"
+        );
+    }
+    assert_eq!(
+        doc["components"]["securitySchemes"]["bearer"]["scheme"],
+        "bearer"
+    );
+
     catalog.shutdown.cancel();
     for rt in runtimes {
         rt.shutdown.cancel();
