@@ -27,12 +27,52 @@ def dashboard_metrics_exist(chart: str) -> list:
     return missing
 
 
+def lint(chart: str) -> dict:
+    return asyncio.run(helm_sdkpy.Lint(helm_sdkpy.Configuration()).run(chart))
+
+
+def wrong_values_fail(chart: str) -> list:
+    """values.schema.json must refuse a wrong value at install time: lint a
+    copy of the chart whose values break the schema, and expect errors."""
+    import shutil
+    import tempfile
+    problems = []
+    import yaml
+    base = yaml.safe_load(open(os.path.join(chart, "values.yaml")))
+    for path, value in ((("nats", "streamReplicas"), 2),
+                        (("lake", "location"), "relative/path"),
+                        (("batch", "wait"), "soon"),
+                        (("typo_at_top_level",), True)):
+        values = json.loads(json.dumps(base))
+        node = values
+        for key in path[:-1]:
+            node = node[key]
+        node[path[-1]] = value
+        with tempfile.TemporaryDirectory() as tmp:
+            copy = os.path.join(tmp, "medallion")
+            shutil.copytree(chart, copy)
+            with open(os.path.join(copy, "values.yaml"), "w") as f:
+                yaml.safe_dump(values, f)
+            try:
+                result = lint(copy)
+                refused = bool(result.get("Errors")) or any(m.get("Severity", 0) >= ERROR for m in result.get("Messages") or [])
+            except Exception:
+                refused = True
+            if not refused:
+                problems.append(f"{'.'.join(path)}={value!r}")
+    return problems
+
+
 def main(chart: str) -> int:
+    slipped = wrong_values_fail(chart)
+    if slipped:
+        print("values.schema.json accepted wrong values:\n  " + "\n  ".join(slipped), file=sys.stderr)
+        return 1
     missing = dashboard_metrics_exist(chart)
     if missing:
         print("dashboard queries metrics nobody exports:\n  " + "\n  ".join(missing), file=sys.stderr)
         return 1
-    result = asyncio.run(helm_sdkpy.Lint(helm_sdkpy.Configuration()).run(chart))
+    result = lint(chart)
     print(json.dumps(result, indent=2))
     messages = result.get("Messages") or []
     errors = [m for m in messages if m.get("Severity", 0) >= ERROR]
