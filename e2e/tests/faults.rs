@@ -1,0 +1,241 @@
+//! Faults against the real binaries, checked by exact accounting against
+//! the input (computed here): every service is SIGKILLed in turn while a
+//! producer publishes and then re-sends everything, half with `Nats-Msg-Id`
+//! and half without.
+//!
+//! Expected: Bronze holds every *message* once (a re-send with the same id is
+//! one message to JetStream; one without an id is a new message); Silver
+//! holds each event once (dedupe on `event_id`); Gold equals the aggregate
+//! of the input.
+
+use std::collections::{BTreeMap, HashSet};
+use std::time::Duration;
+
+use arrow::array::{Array, AsArray};
+use arrow::datatypes::Int64Type;
+use medallion_e2e::Service;
+use medallion_testkit::{NatsServer, eventually, free_port};
+
+const EVENTS: usize = 20_000;
+const PER_MESSAGE: usize = 10;
+
+fn event(i: usize) -> (String, f64, &'static str) {
+    let country = ["FR", "DE", "US"][i % 3];
+    (format!("f{i}"), (i % 97 + 1) as f64, country)
+}
+
+fn message(m: usize) -> Vec<u8> {
+    (m * PER_MESSAGE..(m + 1) * PER_MESSAGE)
+        .map(|i| {
+            let (id, amount, country) = event(i);
+            format!(
+                r#"{{"event_id":"{id}","ts":"2026-11-29T1{}:00:00Z","user_id":"u{}","amount":{amount},"currency":"EUR","country":"{country}"}}"#,
+                i % 4,
+                i % 13
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+        .into_bytes()
+}
+
+async fn table(lake: &std::path::Path, layer: &str, name: &str) -> Vec<arrow::array::RecordBatch> {
+    let lake = medallion_lake::Lake::from_location(lake.to_str().unwrap()).unwrap();
+    let t = medallion_spec::TableRef::parse(&format!("{layer}.finance.{name}")).unwrap();
+    match medallion_lake::open_at(&lake, &t, None).await {
+        Ok(Some(table)) => medallion_lake::read_all(&t, &table)
+            .await
+            .unwrap_or_default(),
+        _ => Vec::new(),
+    }
+}
+
+fn rows(b: &[arrow::array::RecordBatch]) -> usize {
+    b.iter().map(|b| b.num_rows()).sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_each_service_while_producers_resend_everything() {
+    let nats = NatsServer::start();
+    let lake = tempfile::tempdir().unwrap();
+    let logs = tempfile::tempdir().unwrap();
+    let names = [
+        "medallion-ingest",
+        "medallion-transform",
+        "medallion-aggregate",
+    ];
+    let vars: Vec<BTreeMap<String, String>> = [
+        "MEDALLION_INGEST_ADDR",
+        "MEDALLION_TRANSFORM_ADDR",
+        "MEDALLION_AGGREGATE_ADDR",
+    ]
+    .iter()
+    .map(|addr| {
+        [
+            ("NATS_URL", nats.url()),
+            ("MEDALLION_LAKE", lake.path().display().to_string()),
+            (
+                "MEDALLION_PRODUCTS",
+                concat!(env!("CARGO_MANIFEST_DIR"), "/../products").to_string(),
+            ),
+            ("MEDALLION_SPEC_SOURCE", "folder".to_string()),
+            (
+                "MEDALLION_PII_KEY",
+                "e2e-faults-pii-key-0123456789".to_string(),
+            ),
+            ("MEDALLION_BATCH_WAIT", "50ms".to_string()),
+            ("MEDALLION_BATCH_ROWS", "300".to_string()),
+            ("MEDALLION_ACK_WAIT", "5s".to_string()),
+            ("MEDALLION_RELOAD_INTERVAL", "500ms".to_string()),
+            (addr, format!("127.0.0.1:{}", free_port())),
+            ("OTEL_SDK_DISABLED", "true".to_string()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect()
+    })
+    .collect();
+    let mut services: Vec<Service> = names
+        .iter()
+        .zip(&vars)
+        .map(|(n, v)| Service::start(n, v, logs.path()))
+        .collect();
+
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let messages = EVENTS / PER_MESSAGE;
+    let producer = tokio::spawn(async move {
+        // Pass 1: every message with an id. Pass 2: the first half again with
+        // the same ids (JetStream drops them), the second half without ids.
+        for pass in 0..2 {
+            for m in 0..messages {
+                let mut h = async_nats::HeaderMap::new();
+                if pass == 0 || m < messages / 2 {
+                    h.insert("Nats-Msg-Id", format!("msg-{m}").as_str());
+                }
+                loop {
+                    let stored = match js
+                        .publish_with_headers(
+                            "medallion.ingest.finance.payments",
+                            h.clone(),
+                            message(m).into(),
+                        )
+                        .await
+                    {
+                        Ok(ack) => ack.await.is_ok(),
+                        Err(_) => false,
+                    };
+                    if stored {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                if m % 100 == 0 {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        }
+    });
+
+    // SIGKILL each service in turn, twice, while the producer runs.
+    let mut kills = 0;
+    for round in 0..6 {
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        let i = round % 3;
+        services[i].kill();
+        kills += 1;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        services[i] = Service::start(names[i], &vars[i], logs.path());
+    }
+    producer.await.unwrap();
+
+    // Independent expectation, from the input.
+    let mut want_gold: BTreeMap<&str, (i64, f64)> = BTreeMap::new();
+    for i in 0..EVENTS {
+        let (_, amount, country) = event(i);
+        let g = want_gold.entry(country).or_default();
+        g.0 += 1;
+        g.1 += amount;
+    }
+    let lake_path = lake.path().to_path_buf();
+    eventually(
+        Duration::from_secs(180),
+        "gold settles on every event",
+        || async {
+            let gold = table(&lake_path, "gold", "revenue_by_country_hourly").await;
+            gold.iter()
+                .map(|b| {
+                    b.column(b.schema().index_of("payments").unwrap())
+                        .as_primitive::<Int64Type>()
+                        .values()
+                        .iter()
+                        .sum::<i64>()
+                })
+                .sum::<i64>()
+                == EVENTS as i64
+        },
+    )
+    .await;
+
+    let bronze = table(lake.path(), "bronze", "payments").await;
+    assert_eq!(
+        rows(&bronze),
+        messages + messages / 2,
+        "bronze: every message once (re-sends with an id deduplicated, without an id kept)"
+    );
+    let silver = table(lake.path(), "silver", "payments").await;
+    let mut ids = HashSet::new();
+    for b in &silver {
+        let col = b
+            .column(b.schema().index_of("event_id").unwrap())
+            .as_string::<i32>();
+        for i in 0..col.len() {
+            assert!(
+                ids.insert(col.value(i).to_string()),
+                "duplicate {} in silver",
+                col.value(i)
+            );
+        }
+    }
+    assert_eq!(ids.len(), EVENTS, "silver: each event exactly once");
+    assert_eq!(
+        rows(&table(lake.path(), "silver", "payments__quarantine").await),
+        0
+    );
+
+    let gold = table(lake.path(), "gold", "revenue_by_country_hourly").await;
+    let mut got: BTreeMap<String, (i64, f64)> = BTreeMap::new();
+    for b in &gold {
+        let country = b
+            .column(b.schema().index_of("country").unwrap())
+            .as_string::<i32>();
+        let payments = b
+            .column(b.schema().index_of("payments").unwrap())
+            .as_primitive::<Int64Type>();
+        let revenue = b
+            .column(b.schema().index_of("revenue").unwrap())
+            .as_primitive::<arrow::datatypes::Float64Type>();
+        for r in 0..b.num_rows() {
+            let g = got.entry(country.value(r).to_string()).or_default();
+            g.0 += payments.value(r);
+            g.1 += revenue.value(r);
+        }
+    }
+    for (country, (n, sum)) in &want_gold {
+        let (gn, gsum) = got[*country];
+        assert_eq!(gn, *n, "{country} payments");
+        assert!(
+            (gsum - sum).abs() < 1e-6 * sum.abs().max(1.0),
+            "{country} revenue {gsum} vs {sum}"
+        );
+    }
+    assert_eq!(kills, 6);
+    for s in &mut services {
+        assert!(
+            s.stop().success(),
+            "{} did not stop cleanly:\n{}",
+            s.name,
+            s.logs()
+        );
+    }
+}
