@@ -61,6 +61,13 @@ impl Service {
         self.process.0.wait().expect("wait for service")
     }
 
+    /// Sends a signal by name (`STOP` pauses the process, `CONT` resumes it).
+    pub fn signal(&self, name: &str) {
+        let _ = Command::new("kill")
+            .args([&format!("-{name}"), &self.process.0.id().to_string()])
+            .status();
+    }
+
     pub fn kill(&mut self) {
         self.process.kill();
     }

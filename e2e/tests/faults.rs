@@ -54,17 +54,14 @@ fn rows(b: &[arrow::array::RecordBatch]) -> usize {
     b.iter().map(|b| b.num_rows()).sum()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kill_9_each_service_while_producers_resend_everything() {
-    let nats = NatsServer::start();
-    let lake = tempfile::tempdir().unwrap();
-    let logs = tempfile::tempdir().unwrap();
-    let names = [
-        "medallion-ingest",
-        "medallion-transform",
-        "medallion-aggregate",
-    ];
-    let vars: Vec<BTreeMap<String, String>> = [
+const NAMES: [&str; 3] = [
+    "medallion-ingest",
+    "medallion-transform",
+    "medallion-aggregate",
+];
+
+fn service_vars(nats: &NatsServer, lake: &std::path::Path) -> Vec<BTreeMap<String, String>> {
+    [
         "MEDALLION_INGEST_ADDR",
         "MEDALLION_TRANSFORM_ADDR",
         "MEDALLION_AGGREGATE_ADDR",
@@ -73,7 +70,7 @@ async fn kill_9_each_service_while_producers_resend_everything() {
     .map(|addr| {
         [
             ("NATS_URL", nats.url()),
-            ("MEDALLION_LAKE", lake.path().display().to_string()),
+            ("MEDALLION_LAKE", lake.display().to_string()),
             (
                 "MEDALLION_PRODUCTS",
                 concat!(env!("CARGO_MANIFEST_DIR"), "/../products").to_string(),
@@ -94,19 +91,20 @@ async fn kill_9_each_service_while_producers_resend_everything() {
         .map(|(k, v)| (k.to_string(), v))
         .collect()
     })
-    .collect();
-    let mut services: Vec<Service> = names
-        .iter()
-        .zip(&vars)
-        .map(|(n, v)| Service::start(n, v, logs.path()))
-        .collect();
+    .collect()
+}
 
-    let client = async_nats::connect(nats.url()).await.unwrap();
-    let js = async_nats::jetstream::new(client);
-    let messages = EVENTS / PER_MESSAGE;
-    let producer = tokio::spawn(async move {
-        // Pass 1: every message with an id. Pass 2: the first half again with
-        // the same ids (JetStream drops them), the second half without ids.
+/// Publishes every message, then re-sends all of them: the first half with
+/// the same ids (JetStream drops them), the second half without ids.
+fn produce(url: String) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let client = async_nats::ConnectOptions::new()
+            .retry_on_initial_connect()
+            .connect(url)
+            .await
+            .unwrap();
+        let js = async_nats::jetstream::new(client);
+        let messages = EVENTS / PER_MESSAGE;
         for pass in 0..2 {
             for m in 0..messages {
                 let mut h = async_nats::HeaderMap::new();
@@ -130,12 +128,27 @@ async fn kill_9_each_service_while_producers_resend_everything() {
                     }
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
-                if m % 100 == 0 {
+                if m % 50 == 0 {
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
             }
         }
-    });
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_each_service_while_producers_resend_everything() {
+    let nats = NatsServer::start();
+    let lake = tempfile::tempdir().unwrap();
+    let logs = tempfile::tempdir().unwrap();
+    let names = NAMES;
+    let vars = service_vars(&nats, lake.path());
+    let mut services: Vec<Service> = names
+        .iter()
+        .zip(&vars)
+        .map(|(n, v)| Service::start(n, v, logs.path()))
+        .collect();
+    let producer = produce(nats.url());
 
     // SIGKILL each service in turn, twice, while the producer runs.
     let mut kills = 0;
@@ -148,7 +161,58 @@ async fn kill_9_each_service_while_producers_resend_everything() {
         services[i] = Service::start(names[i], &vars[i], logs.path());
     }
     producer.await.unwrap();
+    assert_eq!(kills, 6);
+    check_exact(lake.path()).await;
+    for s in &mut services {
+        assert!(
+            s.stop().success(),
+            "{} did not stop cleanly:\n{}",
+            s.name,
+            s.logs()
+        );
+    }
+}
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_restart_and_a_paused_transform_lose_and_duplicate_nothing() {
+    let mut nats = NatsServer::start();
+    let lake = tempfile::tempdir().unwrap();
+    let logs = tempfile::tempdir().unwrap();
+    let mut vars = service_vars(&nats, lake.path());
+    for v in &mut vars {
+        // Shorter than the pause below: JetStream redelivers to the paused consumer.
+        v.insert("MEDALLION_ACK_WAIT".into(), "2s".into());
+    }
+    let mut services: Vec<Service> = NAMES
+        .iter()
+        .zip(&vars)
+        .map(|(n, v)| Service::start(n, v, logs.path()))
+        .collect();
+    let producer = produce(nats.url());
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    // SIGSTOP transform longer than the ack wait, then resume.
+    services[1].signal("STOP");
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    services[1].signal("CONT");
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    // Restart nats-server (same port and store) while everything runs.
+    nats.restart();
+    producer.await.unwrap();
+    check_exact(lake.path()).await;
+    for s in &mut services {
+        assert!(
+            s.stop().success(),
+            "{} did not stop cleanly:\n{}",
+            s.name,
+            s.logs()
+        );
+    }
+}
+
+/// Bronze = every message once, Silver = every event once, no quarantine,
+/// Gold = the aggregate of the input.
+async fn check_exact(lake: &std::path::Path) {
+    let messages = EVENTS / PER_MESSAGE;
     // Independent expectation, from the input.
     let mut want_gold: BTreeMap<&str, (i64, f64)> = BTreeMap::new();
     for i in 0..EVENTS {
@@ -157,7 +221,7 @@ async fn kill_9_each_service_while_producers_resend_everything() {
         g.0 += 1;
         g.1 += amount;
     }
-    let lake_path = lake.path().to_path_buf();
+    let lake_path = lake.to_path_buf();
     eventually(
         Duration::from_secs(180),
         "gold settles on every event",
@@ -177,13 +241,13 @@ async fn kill_9_each_service_while_producers_resend_everything() {
     )
     .await;
 
-    let bronze = table(lake.path(), "bronze", "payments").await;
+    let bronze = table(lake, "bronze", "payments").await;
     assert_eq!(
         rows(&bronze),
         messages + messages / 2,
         "bronze: every message once (re-sends with an id deduplicated, without an id kept)"
     );
-    let silver = table(lake.path(), "silver", "payments").await;
+    let silver = table(lake, "silver", "payments").await;
     let mut ids = HashSet::new();
     for b in &silver {
         let col = b
@@ -199,11 +263,11 @@ async fn kill_9_each_service_while_producers_resend_everything() {
     }
     assert_eq!(ids.len(), EVENTS, "silver: each event exactly once");
     assert_eq!(
-        rows(&table(lake.path(), "silver", "payments__quarantine").await),
+        rows(&table(lake, "silver", "payments__quarantine").await),
         0
     );
 
-    let gold = table(lake.path(), "gold", "revenue_by_country_hourly").await;
+    let gold = table(lake, "gold", "revenue_by_country_hourly").await;
     let mut got: BTreeMap<String, (i64, f64)> = BTreeMap::new();
     for b in &gold {
         let country = b
@@ -227,15 +291,6 @@ async fn kill_9_each_service_while_producers_resend_everything() {
         assert!(
             (gsum - sum).abs() < 1e-6 * sum.abs().max(1.0),
             "{country} revenue {gsum} vs {sum}"
-        );
-    }
-    assert_eq!(kills, 6);
-    for s in &mut services {
-        assert!(
-            s.stop().success(),
-            "{} did not stop cleanly:\n{}",
-            s.name,
-            s.logs()
         );
     }
 }
