@@ -156,3 +156,40 @@ pub async fn open_at(
     }
     Ok(Some(table))
 }
+
+/// Opens a table as it was at `at`: its last version committed at or
+/// before that instant. An instant before the table existed is an error
+/// naming the first commit's time.
+pub async fn open_as_of(
+    lake: &Lake,
+    tref: &TableRef,
+    at: chrono::DateTime<chrono::Utc>,
+) -> Result<Option<DeltaTable>, LakeError> {
+    let Some(mut table) = crate::writer::open_table(lake, tref).await? else {
+        return Ok(None);
+    };
+    let as_of_error = |message: String| LakeError::AsOf {
+        table: tref.to_string(),
+        at: at.to_rfc3339(),
+        message,
+    };
+    table
+        .load_with_datetime(at)
+        .await
+        .map_err(|e| as_of_error(e.to_string()))?;
+    // delta-rs answers version 0 for any earlier instant; like Spark, refuse
+    // an instant before the table existed.
+    if table.version() == Some(0)
+        && let Some(first) = read_commit(tref, &table, 0)
+            .await?
+            .and_then(|c| c.timestamp)
+        && first > at.timestamp_millis()
+    {
+        let created = chrono::DateTime::from_timestamp_millis(first).unwrap_or_default();
+        return Err(as_of_error(format!(
+            "the table was created at {}; ask for that time or later",
+            created.to_rfc3339()
+        )));
+    }
+    Ok(Some(table))
+}

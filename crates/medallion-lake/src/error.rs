@@ -18,6 +18,12 @@ pub enum LakeError {
         version: i64,
         latest: i64,
     },
+    #[error("table {table}: no version as of {at}: {message}")]
+    AsOf {
+        table: String,
+        at: String,
+        message: String,
+    },
     #[error(transparent)]
     Arrow(#[from] arrow::error::ArrowError),
     #[error(transparent)]

@@ -56,18 +56,41 @@ pub fn list_local_tables(lake: &Lake) -> Vec<TableRef> {
     out
 }
 
-/// A session exposing exactly `grants`, each at `version` if given.
+/// Which state of the tables a query reads.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub enum TimeTravel {
+    #[default]
+    Latest,
+    /// This table version.
+    Version(i64),
+    /// The last version committed at or before this instant.
+    AsOf(chrono::DateTime<chrono::Utc>),
+}
+
+impl From<Option<i64>> for TimeTravel {
+    fn from(v: Option<i64>) -> Self {
+        v.map_or(TimeTravel::Latest, TimeTravel::Version)
+    }
+}
+
+/// A session exposing exactly `grants`, each at the state `at` names.
 pub async fn session(
     lake: &Lake,
     grants: &[Grant],
-    version: Option<i64>,
+    at: impl Into<TimeTravel>,
 ) -> Result<SessionContext, LakeError> {
+    let at = at.into();
     let config = SessionConfig::new()
         .with_information_schema(false)
         .with_create_default_catalog_and_schema(false);
     let ctx = SessionContext::new_with_config(config);
     for g in grants {
-        let Some(table) = open_at(lake, &g.table, version).await? else {
+        let table = match at {
+            TimeTravel::Latest => open_at(lake, &g.table, None).await?,
+            TimeTravel::Version(v) => open_at(lake, &g.table, Some(v)).await?,
+            TimeTravel::AsOf(t) => crate::commits::open_as_of(lake, &g.table, t).await?,
+        };
+        let Some(table) = table else {
             continue;
         };
         table

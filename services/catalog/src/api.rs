@@ -11,7 +11,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use medallion_bus::registry::{Registry, SpecSource};
 use medallion_lake::Lake;
-use medallion_lake::query::{Grant, run_query, session};
+use medallion_lake::query::{Grant, TimeTravel, run_query, session};
 use medallion_spec::products::Products;
 use medallion_spec::{Contract, TableRef};
 use serde::Deserialize;
@@ -409,11 +409,16 @@ struct QueryRequest {
     sql: String,
     #[serde(default)]
     version: Option<i64>,
+    /// RFC 3339: each table as of its last commit at or before this instant.
+    #[serde(default)]
+    as_of: Option<String>,
 }
 
+const ARROW_STREAM: &str = "application/vnd.apache.arrow.stream";
+
 #[utoipa::path(post, path = "/v1/query", tag = "query",
-    request_body(content = String, description = "{\"sql\": \"SELECT ...\", \"version\": n}", content_type = "application/json"),
-    responses((status = 200, description = "columns, rows, row_count, truncated"),
+    request_body(content = String, description = "{\"sql\": \"SELECT ...\", \"version\": n | \"as_of\": \"RFC 3339\"}", content_type = "application/json"),
+    responses((status = 200, description = "JSON {columns, rows, row_count, truncated}, or an Arrow IPC stream with `Accept: application/vnd.apache.arrow.stream`"),
               (status = 400, description = "The engine's message"),
               (status = 403, description = "A referenced table is not granted")),
     security(("bearer" = [])))]
@@ -421,8 +426,28 @@ async fn query(
     State(s): State<Arc<AppState>>,
     headers: HeaderMap,
     Json(req): Json<QueryRequest>,
-) -> ApiResult {
+) -> Result<Response, ApiError> {
     let c = caller(&s, &headers, "query", &req.sql).await?;
+    let at = match (req.version, req.as_of.as_deref()) {
+        (Some(_), Some(_)) => {
+            return Err(ApiError(
+                StatusCode::BAD_REQUEST,
+                "give either `version` or `as_of`, not both".into(),
+            ));
+        }
+        (Some(v), None) => TimeTravel::Version(v),
+        (None, Some(t)) => TimeTravel::AsOf(
+            chrono::DateTime::parse_from_rfc3339(t)
+                .map_err(|e| {
+                    ApiError(
+                        StatusCode::BAD_REQUEST,
+                        format!("as_of: {e}; use RFC 3339, e.g. 2026-11-29T10:00:00Z"),
+                    )
+                })?
+                .with_timezone(&chrono::Utc),
+        ),
+        (None, None) => TimeTravel::Latest,
+    };
     let grants: Vec<Grant> = {
         let products = s.products.read().await;
         products
@@ -452,7 +477,7 @@ async fn query(
         .into_iter()
         .filter(|g| referenced.contains(&g.table.sql_name()))
         .collect();
-    let ctx = session(&s.lake, &grants, req.version)
+    let ctx = session(&s.lake, &grants, at)
         .await
         .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.to_string()))?;
     let batches = tokio::time::timeout(s.query_timeout, run_query(&ctx, &req.sql, s.row_limit))
@@ -465,6 +490,33 @@ async fn query(
         })?
         .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.to_string()))?;
     let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
+    let wants_arrow = headers
+        .get("accept")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|a| a.contains(ARROW_STREAM));
+    if wants_arrow {
+        let mut out = Vec::new();
+        if let Some(first) = batches.first() {
+            let mut w = arrow_ipc::writer::StreamWriter::try_new(&mut out, &first.schema())
+                .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+            for b in &batches {
+                w.write(b)
+                    .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+            }
+            w.finish()
+                .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+        }
+        s.audit
+            .record(AuditRecord::allowed(
+                &c.user,
+                "query",
+                &req.sql,
+                req.version,
+                Some(rows),
+            ))
+            .await;
+        return Ok(([("content-type", ARROW_STREAM)], out).into_response());
+    }
     let mut w = arrow_json::ArrayWriter::new(Vec::new());
     for b in &batches {
         w.write(b)
@@ -499,7 +551,8 @@ async fn query(
         .await;
     Ok(Json(
         json!({"columns": columns, "rows": data, "row_count": rows, "truncated": rows >= s.row_limit}),
-    ))
+    )
+    .into_response())
 }
 
 /// `layer.domain.table` names the SQL reads.

@@ -230,6 +230,61 @@ async fn governance_end_to_end() {
         )
         .await;
     assert_eq!((s, v["rows"][0]["n"].clone()), (200, json!(0)), "{v}");
+    let now = chrono::Utc::now().to_rfc3339();
+    let (s, v) = api
+        .call(
+            "POST",
+            "/v1/query",
+            Some(&auditor),
+            Some(json!({"sql": "SELECT count(*) AS n FROM silver.finance.payments", "as_of": now})),
+        )
+        .await;
+    assert_eq!((s, v["rows"][0]["n"].clone()), (200, json!(300)), "{v}");
+    let (s, v) = api
+        .call(
+            "POST",
+            "/v1/query",
+            Some(&auditor),
+            Some(json!({"sql": "SELECT count(*) AS n FROM silver.finance.payments", "as_of": "2001-01-01T00:00:00Z"})),
+        )
+        .await;
+    assert_eq!(s, 400, "before the table existed: {v}");
+    let (s, _) = api
+        .call(
+            "POST",
+            "/v1/query",
+            Some(&auditor),
+            Some(json!({"sql": "SELECT 1", "as_of": "yesterday"})),
+        )
+        .await;
+    assert_eq!(s, 400);
+
+    // Arrow IPC when asked; masking holds there too.
+    let resp = api
+        .http
+        .post(format!("{}/v1/query", api.base))
+        .header("authorization", format!("Bearer {auditor}"))
+        .header("accept", "application/vnd.apache.arrow.stream")
+        .json(&json!({"sql": "SELECT event_id, user_id FROM silver.finance.payments"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    assert_eq!(
+        resp.headers()["content-type"],
+        "application/vnd.apache.arrow.stream"
+    );
+    let bytes = resp.bytes().await.unwrap();
+    let reader =
+        arrow_ipc::reader::StreamReader::try_new(std::io::Cursor::new(bytes), None).unwrap();
+    let batches: Vec<_> = reader.map(|b| b.unwrap()).collect();
+    assert_eq!(batches.iter().map(|b| b.num_rows()).sum::<usize>(), 300);
+    assert!(
+        batches
+            .iter()
+            .all(|b| b.column(1).null_count() == b.num_rows()),
+        "user_id masked in Arrow too"
+    );
 
     // Discovery and lineage.
     eventually(Duration::from_secs(30), "quality counts", || async {
