@@ -320,14 +320,21 @@ async fn get_product(
     Ok(Json(summary))
 }
 
+#[derive(Deserialize, Default)]
+struct LineageQuery {
+    format: Option<String>,
+}
+
 #[utoipa::path(get, path = "/v1/products/{domain}/{product}/lineage", tag = "lineage",
-    params(("domain" = String, Path), ("product" = String, Path)),
+    params(("domain" = String, Path), ("product" = String, Path),
+           ("format" = Option<String>, Query, description = "`openlineage`: OpenLineage run events (one per stage) instead of the native graph")),
     responses((status = 200, description = "Table and column lineage"), (status = 403, description = "Not granted")),
     security(("bearer" = [])))]
 async fn lineage(
     State(s): State<Arc<AppState>>,
     headers: HeaderMap,
     Path((d, p)): Path<(String, String)>,
+    Query(q): Query<LineageQuery>,
 ) -> ApiResult {
     let target = format!("{d}.{p}");
     let c = caller(&s, &headers, "lineage", &target).await?;
@@ -358,6 +365,11 @@ async fn lineage(
             &c.user, "lineage", &target, None, None,
         ))
         .await;
+    if q.format.as_deref() == Some("openlineage") {
+        return Ok(Json(json!({
+            "events": crate::openlineage::events(s.lake.root().as_str(), &contract)
+        })));
+    }
     Ok(Json(
         json!({"product": target, "edges": edges, "columns": columns}),
     ))

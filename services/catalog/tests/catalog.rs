@@ -337,6 +337,27 @@ async fn governance_end_to_end() {
         json!(["silver.finance.payments.amount"]),
         "{v}"
     );
+    let (s, v) = api
+        .call(
+            "GET",
+            "/v1/products/finance/payments/lineage?format=openlineage",
+            Some(&analyst),
+            None,
+        )
+        .await;
+    assert_eq!(s, 200);
+    let events = v["events"].as_array().unwrap();
+    assert_eq!(events.len(), 3, "ingest, transform, one gold table: {v}");
+    for e in events {
+        assert_eq!(e["eventType"], "COMPLETE");
+        assert!(e["run"]["runId"].as_str().unwrap().len() == 36, "{e}");
+    }
+    let gold = &events[2]["outputs"][0];
+    assert_eq!(gold["name"], "gold.finance.revenue_by_country_hourly");
+    assert_eq!(
+        gold["facets"]["columnLineage"]["fields"]["revenue"]["inputFields"][0]["field"],
+        "amount"
+    );
 
     // Audit: denials are recorded with who and why; only admin reads it.
     let (s, _) = api.call("GET", "/v1/audit", Some(&analyst), None).await;
