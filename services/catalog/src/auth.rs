@@ -1,9 +1,10 @@
 //! Bearer tokens: a JWT verified with exactly one configured algorithm
-//! (HS256 with a secret, or RS256 with a public key), so `alg: none` and
-//! HS/RS confusion are refused by construction. Roles come from the `roles`
-//! claim only.
+//! (HS256 with a secret, or RS256 with a public key or a JWKS file), so
+//! `alg: none` and HS/RS confusion are refused by construction. Roles come
+//! from the `roles` claim only.
 
-use jsonwebtoken::{Algorithm, DecodingKey, Validation, decode};
+use jsonwebtoken::jwk::JwkSet;
+use jsonwebtoken::{Algorithm, DecodingKey, Validation, decode, decode_header};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -16,7 +17,8 @@ pub struct Claims {
 
 #[derive(Clone)]
 pub struct Verifier {
-    key: DecodingKey,
+    /// Keys by `kid` (`None`: a key without an id, from a PEM file).
+    keys: Vec<(Option<String>, DecodingKey)>,
     validation: Validation,
 }
 
@@ -51,17 +53,52 @@ impl Verifier {
         )
     }
 
-    pub fn rs256_pem(
-        pem: &[u8],
+    /// RS256 with the key(s) of `file`: a PEM public key, or a JWKS
+    /// (`{"keys": [...]}`, RSA keys chosen by the token's `kid`).
+    pub fn rs256(
+        file: &[u8],
         issuer: Option<&str>,
         audience: Option<&str>,
     ) -> Result<Self, String> {
-        let key = DecodingKey::from_rsa_pem(pem)
-            .map_err(|e| format!("not an RSA public key in PEM: {e}"))?;
-        Ok(Self::new(key, Algorithm::RS256, issuer, audience))
+        let keys = if file.trim_ascii_start().starts_with(b"{") {
+            let set: JwkSet =
+                serde_json::from_slice(file).map_err(|e| format!("not a JWKS document: {e}"))?;
+            let mut keys = Vec::new();
+            for jwk in &set.keys {
+                if !matches!(
+                    jwk.algorithm,
+                    jsonwebtoken::jwk::AlgorithmParameters::RSA(_)
+                ) {
+                    continue;
+                }
+                let key = DecodingKey::from_jwk(jwk)
+                    .map_err(|e| format!("JWKS key {:?}: {e}", jwk.common.key_id))?;
+                keys.push((jwk.common.key_id.clone(), key));
+            }
+            if keys.is_empty() {
+                return Err("the JWKS holds no RSA key".into());
+            }
+            keys
+        } else {
+            vec![(
+                None,
+                DecodingKey::from_rsa_pem(file)
+                    .map_err(|e| format!("not an RSA public key in PEM: {e}"))?,
+            )]
+        };
+        Ok(Self::with_keys(keys, Algorithm::RS256, issuer, audience))
     }
 
     fn new(key: DecodingKey, alg: Algorithm, issuer: Option<&str>, audience: Option<&str>) -> Self {
+        Self::with_keys(vec![(None, key)], alg, issuer, audience)
+    }
+
+    fn with_keys(
+        keys: Vec<(Option<String>, DecodingKey)>,
+        alg: Algorithm,
+        issuer: Option<&str>,
+        audience: Option<&str>,
+    ) -> Self {
         let mut validation = Validation::new(alg);
         validation.leeway = 5;
         validation.set_required_spec_claims(&["exp", "sub"]);
@@ -72,7 +109,7 @@ impl Verifier {
             Some(a) => validation.set_audience(&[a]),
             None => validation.validate_aud = false,
         }
-        Verifier { key, validation }
+        Verifier { keys, validation }
     }
 
     /// Verifies `Authorization: Bearer <jwt>`; the error says why (for the audit log).
@@ -81,7 +118,23 @@ impl Verifier {
         let token = header
             .strip_prefix("Bearer ")
             .ok_or("Authorization is not a Bearer token")?;
-        let data = decode::<Claims>(token.trim(), &self.key, &self.validation)
+        let token = token.trim();
+        let kid = decode_header(token)
+            .map_err(|e| format!("invalid token: {e}"))?
+            .kid;
+        let key = match (&kid, self.keys.as_slice()) {
+            (None, [(_, only)]) => only,
+            (Some(k), keys) => keys
+                .iter()
+                .find(|(id, _)| id.as_deref() == Some(k.as_str()))
+                .or_else(|| keys.iter().find(|(id, _)| id.is_none()))
+                .map(|(_, key)| key)
+                .ok_or_else(|| format!("invalid token: no key with kid {k:?}"))?,
+            (None, _) => {
+                return Err("invalid token: no kid, and several keys could verify it".into());
+            }
+        };
+        let data = decode::<Claims>(token, key, &self.validation)
             .map_err(|e| format!("invalid token: {e}"))?;
         Ok(Caller {
             user: data.claims.sub,
@@ -108,4 +161,78 @@ pub fn mint_hs256(secret: &[u8], sub: &str, roles: &[&str], ttl_secs: u64) -> St
         &jsonwebtoken::EncodingKey::from_secret(secret).expect("any byte string is an HMAC key"),
     )
     .expect("HS256 signing cannot fail")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PRIVATE: &str = include_str!("../tests/fixtures/test_rsa_private.pem");
+    const PUBLIC: &str = include_str!("../tests/fixtures/test_rsa_public.pem");
+    const JWKS: &str = include_str!("../tests/fixtures/test_jwks.json");
+
+    fn rs256_token(kid: Option<&str>, roles: &[&str]) -> String {
+        let mut header = jsonwebtoken::Header::new(Algorithm::RS256);
+        header.kid = kid.map(str::to_string);
+        let claims = Claims {
+            sub: "ada".into(),
+            exp: 4_102_444_800,
+            roles: roles.iter().map(|r| r.to_string()).collect(),
+        };
+        let key = jsonwebtoken::EncodingKey::from_rsa_pem(PRIVATE.as_bytes()).unwrap();
+        format!(
+            "Bearer {}",
+            jsonwebtoken::encode(&header, &claims, &key).unwrap()
+        )
+    }
+
+    #[test]
+    fn rs256_with_a_pem_key() {
+        let v = Verifier::rs256(PUBLIC.as_bytes(), None, None).unwrap();
+        let c = v.verify(Some(&rs256_token(None, &["admin"]))).unwrap();
+        assert!(c.is_admin());
+        // An HS256 token signed with the public key as secret (key confusion) is refused.
+        let confused = jsonwebtoken::encode(
+            &jsonwebtoken::Header::new(Algorithm::HS256),
+            &Claims {
+                sub: "eve".into(),
+                exp: 4_102_444_800,
+                roles: vec!["admin".into()],
+            },
+            &jsonwebtoken::EncodingKey::from_secret(PUBLIC.as_bytes()).unwrap(),
+        )
+        .unwrap();
+        assert!(v.verify(Some(&format!("Bearer {confused}"))).is_err());
+    }
+
+    #[test]
+    fn rs256_with_a_jwks_file_picks_the_key_by_kid() {
+        let v = Verifier::rs256(JWKS.as_bytes(), None, None).unwrap();
+        assert_eq!(
+            v.verify(Some(&rs256_token(Some("test-2026"), &["analyst"])))
+                .unwrap()
+                .roles,
+            vec!["analyst"]
+        );
+        let e = v
+            .verify(Some(&rs256_token(Some("rotated-away"), &["admin"])))
+            .unwrap_err();
+        assert!(e.contains("no key with kid"), "{e}");
+        // The only key in the set verifies a token without a kid.
+        assert!(v.verify(Some(&rs256_token(None, &["admin"]))).is_ok());
+    }
+
+    #[test]
+    fn a_bad_key_file_names_the_problem() {
+        assert!(
+            Verifier::rs256(b"{\"keys\": []}", None, None)
+                .unwrap_err()
+                .contains("no RSA key")
+        );
+        assert!(
+            Verifier::rs256(b"not a key", None, None)
+                .unwrap_err()
+                .contains("PEM")
+        );
+    }
 }

@@ -46,7 +46,7 @@ impl CatalogConfig {
             )),
             (None, Some(path)) => match std::fs::read(&path)
                 .map_err(|e| e.to_string())
-                .and_then(|pem| Verifier::rs256_pem(&pem, issuer.as_deref(), audience.as_deref()))
+                .and_then(|file| Verifier::rs256(&file, issuer.as_deref(), audience.as_deref()))
             {
                 Ok(v) => Some(v),
                 Err(e) => {
