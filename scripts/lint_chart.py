@@ -63,7 +63,42 @@ def wrong_values_fail(chart: str) -> list:
     return problems
 
 
+def merge(base, extra):
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            merge(base[k], v)
+        else:
+            base[k] = v
+    return base
+
+
+def ci_values_lint(chart: str) -> list:
+    """Lints the chart with each ci/*-values.yaml merged over the defaults
+    (the Lint action takes no values files, so a copy carries them)."""
+    import glob
+    import shutil
+    import tempfile
+    import yaml
+    failed = []
+    for path in sorted(glob.glob(os.path.join(chart, "ci", "*-values.yaml"))):
+        values = merge(yaml.safe_load(open(os.path.join(chart, "values.yaml"))), yaml.safe_load(open(path)) or {})
+        with tempfile.TemporaryDirectory() as tmp:
+            copy = os.path.join(tmp, "medallion")
+            shutil.copytree(chart, copy)
+            with open(os.path.join(copy, "values.yaml"), "w") as f:
+                yaml.safe_dump(values, f)
+            result = lint(copy)
+            errors = [m for m in result.get("Messages") or [] if m.get("Severity", 0) >= ERROR]
+            if errors or result.get("Errors"):
+                failed.append(f"{os.path.basename(path)}: {json.dumps(errors or result.get('Errors'))[:400]}")
+    return failed
+
+
 def main(chart: str) -> int:
+    broken = ci_values_lint(chart)
+    if broken:
+        print("helm lint failed with:\n  " + "\n  ".join(broken), file=sys.stderr)
+        return 1
     slipped = wrong_values_fail(chart)
     if slipped:
         print("values.schema.json accepted wrong values:\n  " + "\n  ".join(slipped), file=sys.stderr)
