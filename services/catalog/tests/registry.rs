@@ -47,6 +47,18 @@ fn orders(range: std::ops::Range<usize>, channel: bool) -> Bytes {
     Bytes::from(lines.join("\n"))
 }
 
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        }
+        out.push(p);
+    }
+    out
+}
+
 async fn count(api: &Api, token: &str, sql: &str) -> Option<i64> {
     let (s, v) = api.query(token, sql).await;
     if s != 200 {
@@ -343,6 +355,52 @@ async fn registry_round_trip_compatibility_and_hot_reload() {
             "{want:?} not in {actions:?}"
         );
     }
+    // Names cannot escape their table path: `..`, slashes, quotes and NUL in
+    // product names or SQL identifiers are refused, and nothing is created.
+    for (d, p) in [
+        ("..", "orders"),
+        ("shop", ".."),
+        ("shop", "a%22b"),
+        ("shop", "a%00b"),
+        ("Shop", "orders"),
+    ] {
+        let doc = ORDERS_V1
+            .replace(
+                "name: orders}",
+                &format!(
+                    "name: \"{}\"}}",
+                    p.replace("%22", "\\\"").replace("%00", "\\0")
+                ),
+            )
+            .replace("domain: shop", &format!("domain: \"{d}\""));
+        let (s, v) = api
+            .put_spec(&format!("/v1/products/{d}/{p}"), &admin, &doc)
+            .await;
+        assert!(s == 400 || s == 404, "{d}/{p}: {s} {v}");
+    }
+    for sql in [
+        r#"SELECT * FROM "bronze"."../finance"."payments""#,
+        r#"SELECT * FROM bronze.finance."payments/../../silver""#,
+        "SELECT * FROM bronze.finance.\"pay\0ments\"",
+    ] {
+        let (s, v) = api.query(&admin, sql).await;
+        assert!(s == 400 || s == 403, "{sql}: {s} {v}");
+    }
+    for path in [
+        "/v1/tables/bronze/..%2F..%2Fetc/passwd",
+        "/v1/tables/gold/finance/..",
+        "/v1/tables/..%2F/finance/x",
+    ] {
+        let (s, _) = api.call("GET", path, Some(&admin), None).await;
+        assert!(s == 400 || s == 403 || s == 404, "{path}: {s}");
+    }
+    let escaped: Vec<_> = walk(lake.path())
+        .into_iter()
+        .filter(|p| !p.starts_with(lake.path()) || p.to_string_lossy().contains(".."))
+        .collect();
+    assert!(escaped.is_empty(), "{escaped:?}");
+    assert!(!lake.path().join("../finance").exists());
+
     // The OpenAPI document lists exactly the served routes, each behind auth.
     let doc: serde_json::Value = reqwest::get(format!("{}/v1/openapi.json", api.base))
         .await
