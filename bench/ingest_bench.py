@@ -18,23 +18,15 @@ import asyncio
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 
 import nats
 import deltalake
 
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
+from harness import free_port, latency_quantiles
 
 
 def event(i):
@@ -61,20 +53,6 @@ def bronze_rows(lake, product):
     if not os.path.isdir(os.path.join(path, "_delta_log")):
         return 0
     return deltalake.DeltaTable(path).to_pyarrow_table(columns=["stream_seq"]).num_rows
-
-
-def latency_quantiles(metrics_url):
-    text = urllib.request.urlopen(metrics_url).read().decode()
-    buckets = []
-    for line in text.splitlines():
-        if line.startswith("medallion_publish_to_commit_seconds_bucket") and 'layer="bronze"' in line:
-            le = line.split('le="')[1].split('"')[0]
-            buckets.append((float("inf") if le == "+Inf" else float(le), float(line.rsplit(" ", 1)[1])))
-    if not buckets or buckets[-1][1] == 0:
-        return None, None
-    total = buckets[-1][1]
-    q = lambda f: next(le for le, c in buckets if c >= f * total)
-    return q(0.5), q(0.99)
 
 
 async def run(args):
@@ -108,7 +86,7 @@ async def run(args):
                     raise SystemExit("ingest did not finish in 10 minutes")
                 await asyncio.sleep(0.2)
             took = time.perf_counter() - start
-            p50, p99 = latency_quantiles(f"http://127.0.0.1:{http}/metrics")
+            p50, p99 = latency_quantiles(f"http://127.0.0.1:{http}/metrics", "bronze")
             rows.append((per_message, n, mb, n / raw, n / took, mb / took, (raw / took), p50, p99))
     finally:
         ingest.terminate()

@@ -20,25 +20,17 @@ import asyncio
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 
 import deltalake
 import nats
 
+from harness import append_results, free_port, latency_quantiles, start_nats
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
 
 
 def rows(lake, layer, table, column=None):
@@ -49,20 +41,6 @@ def rows(lake, layer, table, column=None):
     if column is None:
         return sum(a["num_records"] for a in t.get_add_actions(flatten=True).to_pylist())
     return int(sum(x for x in t.to_pyarrow_table(columns=[column]).column(column).to_pylist() if x))
-
-
-def quantiles(url, layer):
-    text = urllib.request.urlopen(url).read().decode()
-    buckets = []
-    for line in text.splitlines():
-        if line.startswith("medallion_publish_to_commit_seconds_bucket") and f'layer="{layer}"' in line:
-            le = line.split('le="')[1].split('"')[0]
-            buckets.append((float("inf") if le == "+Inf" else float(le), float(line.rsplit(" ", 1)[1])))
-    if not buckets or buckets[-1][1] == 0:
-        return None, None
-    total = buckets[-1][1]
-    q = lambda f: next(le for le, c in buckets if c >= f * total)
-    return q(0.5), q(0.99)
 
 
 async def publish(js, subject, payloads, window=256):
@@ -108,11 +86,7 @@ async def run(args):
     payloads = [b"\n".join(lines[i:i + args.lines]) for i in range(0, len(lines), args.lines)]
 
     tmp = tempfile.mkdtemp()
-    port = free_port()
-    server = subprocess.Popen([shutil.which("nats-server"), "-js", "-a", "127.0.0.1", "-p", str(port), "-sd", os.path.join(tmp, "js")],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    time.sleep(1)
-    url = f"nats://127.0.0.1:{port}"
+    server, url = start_nats(tmp)
     lake = os.path.join(tmp, "lake")
     addrs = {s: free_port() for s in ("ingest", "transform", "aggregate")}
     env = dict(os.environ, NATS_URL=url, MEDALLION_LAKE=lake, MEDALLION_LOG="warn",
@@ -166,7 +140,7 @@ async def run(args):
                 await asyncio.sleep(ahead)
         while rows(lake, "gold", "bench_revenue_by_country_hourly", "payments") < want_silver + sent:
             await asyncio.sleep(0.25)
-        lat = {layer: quantiles(f"http://127.0.0.1:{addrs[svc]}/metrics", layer)
+        lat = {layer: latency_quantiles(f"http://127.0.0.1:{addrs[svc]}/metrics", layer)
                for layer, svc in (("bronze", "ingest"), ("silver", "transform"), ("gold", "aggregate"))}
     finally:
         await nc.close()
@@ -200,10 +174,7 @@ async def run(args):
             "| layer | p50 ≤ s | p99 ≤ s |", "|---|---|---|"]
     for layer, (p50, p99) in lat.items():
         out.append(f"| {layer} | {p50} | {p99} |")
-    text = "\n".join(out) + "\n"
-    print(text)
-    with open(os.path.join(HERE, "..", "docs", "benchmarks.md"), "a") as f:
-        f.write(text)
+    append_results("\n".join(out) + "\n")
 
 
 if __name__ == "__main__":

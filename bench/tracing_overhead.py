@@ -15,7 +15,6 @@ import asyncio
 import http.server
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,6 +23,8 @@ import time
 
 import deltalake
 import nats
+
+from harness import append_results, free_port, start_nats
 
 received = {"requests": 0, "bytes": 0}
 
@@ -43,14 +44,6 @@ class Receiver(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
-
-
 def bronze_rows(lake):
     path = os.path.join(lake, "bronze", "bench", "traced")
     if not os.path.isdir(os.path.join(path, "_delta_log")):
@@ -60,11 +53,7 @@ def bronze_rows(lake):
 
 async def one(args, name, otel_env):
     tmp = tempfile.mkdtemp()
-    port = free_port()
-    server = subprocess.Popen([shutil.which("nats-server"), "-js", "-a", "127.0.0.1", "-p", str(port), "-sd", os.path.join(tmp, "js")],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    time.sleep(1)
-    url = f"nats://127.0.0.1:{port}"
+    server, url = start_nats(tmp)
     lake = os.path.join(tmp, "lake")
     env = dict(os.environ, NATS_URL=url, MEDALLION_LAKE=lake, MEDALLION_LOG="warn",
                MEDALLION_INGEST_ADDR=f"127.0.0.1:{free_port()}", **otel_env)
@@ -123,10 +112,7 @@ async def run(args):
            "| setting | ingest ev/s | vs disabled | OTLP bytes exported |", "|---|---|---|---|"]
     for name, (rate, exported) in best.items():
         out.append(f"| {name} | {rate:,.0f} | {rate / base:.2f} | {exported:,} |")
-    text = "\n".join(out) + "\n"
-    print(text)
-    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "docs", "benchmarks.md"), "a") as f:
-        f.write(text)
+    append_results("\n".join(out) + "\n")
     httpd.shutdown()
 
 

@@ -72,3 +72,43 @@ impl Service {
         self.process.kill();
     }
 }
+
+/// The settings every pipeline service gets in these tests: specs from the
+/// repository's `products/` folder (no catalog), short batch waits, and its
+/// health/metrics address on a free port.
+pub fn pipeline_vars(nats_url: &str, lake: &Path, addr_var: &str) -> BTreeMap<String, String> {
+    [
+        ("NATS_URL", nats_url.to_string()),
+        ("MEDALLION_LAKE", lake.display().to_string()),
+        (
+            "MEDALLION_PRODUCTS",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/../products").to_string(),
+        ),
+        ("MEDALLION_SPEC_SOURCE", "folder".to_string()),
+        (
+            "MEDALLION_PII_KEY",
+            "e2e-test-pii-key-0123456789".to_string(),
+        ),
+        ("MEDALLION_BATCH_WAIT", "50ms".to_string()),
+        ("MEDALLION_RELOAD_INTERVAL", "500ms".to_string()),
+        (
+            addr_var,
+            format!("127.0.0.1:{}", medallion_testkit::free_port()),
+        ),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect()
+}
+
+/// SIGTERM every service; each must exit cleanly (its log is in the failure).
+pub fn stop_all(services: &mut [Service]) {
+    for s in services {
+        assert!(
+            s.stop().success(),
+            "{} did not stop cleanly:\n{}",
+            s.name,
+            s.logs()
+        );
+    }
+}

@@ -13,8 +13,8 @@ use std::time::Duration;
 
 use arrow::array::{Array, AsArray};
 use arrow::datatypes::Int64Type;
-use medallion_e2e::Service;
-use medallion_testkit::{NatsServer, eventually, free_port};
+use medallion_e2e::{Service, pipeline_vars, stop_all};
+use medallion_testkit::{NatsServer, eventually};
 
 const EVENTS: usize = 20_000;
 const PER_MESSAGE: usize = 10;
@@ -68,28 +68,11 @@ fn service_vars(nats: &NatsServer, lake: &std::path::Path) -> Vec<BTreeMap<Strin
     ]
     .iter()
     .map(|addr| {
-        [
-            ("NATS_URL", nats.url()),
-            ("MEDALLION_LAKE", lake.display().to_string()),
-            (
-                "MEDALLION_PRODUCTS",
-                concat!(env!("CARGO_MANIFEST_DIR"), "/../products").to_string(),
-            ),
-            ("MEDALLION_SPEC_SOURCE", "folder".to_string()),
-            (
-                "MEDALLION_PII_KEY",
-                "e2e-faults-pii-key-0123456789".to_string(),
-            ),
-            ("MEDALLION_BATCH_WAIT", "50ms".to_string()),
-            ("MEDALLION_BATCH_ROWS", "300".to_string()),
-            ("MEDALLION_ACK_WAIT", "5s".to_string()),
-            ("MEDALLION_RELOAD_INTERVAL", "500ms".to_string()),
-            (addr, format!("127.0.0.1:{}", free_port())),
-            ("OTEL_SDK_DISABLED", "true".to_string()),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v))
-        .collect()
+        let mut v = pipeline_vars(&nats.url(), lake, addr);
+        v.insert("MEDALLION_BATCH_ROWS".into(), "300".into());
+        v.insert("MEDALLION_ACK_WAIT".into(), "5s".into());
+        v.insert("OTEL_SDK_DISABLED".into(), "true".into());
+        v
     })
     .collect()
 }
@@ -163,14 +146,7 @@ async fn kill_9_each_service_while_producers_resend_everything() {
     producer.await.unwrap();
     assert_eq!(kills, 6);
     check_exact(lake.path()).await;
-    for s in &mut services {
-        assert!(
-            s.stop().success(),
-            "{} did not stop cleanly:\n{}",
-            s.name,
-            s.logs()
-        );
-    }
+    stop_all(&mut services);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -199,14 +175,7 @@ async fn nats_restart_and_a_paused_transform_lose_and_duplicate_nothing() {
     nats.restart();
     producer.await.unwrap();
     check_exact(lake.path()).await;
-    for s in &mut services {
-        assert!(
-            s.stop().success(),
-            "{} did not stop cleanly:\n{}",
-            s.name,
-            s.logs()
-        );
-    }
+    stop_all(&mut services);
 }
 
 /// Bronze = every message once, Silver = every event once, no quarantine,

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use medallion_e2e::Service;
+use medallion_e2e::{Service, pipeline_vars, stop_all};
 use medallion_testkit::{NatsServer, eventually, free_port};
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
     TraceService, TraceServiceServer,
@@ -171,33 +171,16 @@ fn start_pipeline(nats: &NatsServer, lake: &std::path::Path, grpc: &str, http: &
             "http/protobuf",
         ),
     ] {
-        let port = free_port();
-        let vars: BTreeMap<String, String> = [
-            ("NATS_URL", nats.url()),
-            ("MEDALLION_LAKE", lake.display().to_string()),
-            (
-                "MEDALLION_PRODUCTS",
-                concat!(env!("CARGO_MANIFEST_DIR"), "/../products").to_string(),
-            ),
-            ("MEDALLION_SPEC_SOURCE", "folder".to_string()),
-            (
-                "MEDALLION_PII_KEY",
-                "e2e-tracing-pii-key-0123456789".to_string(),
-            ),
-            ("MEDALLION_BATCH_WAIT", "50ms".to_string()),
-            ("MEDALLION_RELOAD_INTERVAL", "500ms".to_string()),
-            (addr_var, format!("127.0.0.1:{port}")),
-            ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.to_string()),
-            ("OTEL_EXPORTER_OTLP_PROTOCOL", protocol.to_string()),
-            (
-                "OTEL_RESOURCE_ATTRIBUTES",
-                "deployment.environment=e2e".to_string(),
-            ),
-            ("OTEL_BSP_SCHEDULE_DELAY", "200".to_string()),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v))
-        .collect();
+        let mut vars = pipeline_vars(&nats.url(), lake, addr_var);
+        let port: u16 = vars[addr_var].rsplit(':').next().unwrap().parse().unwrap();
+        for (k, v) in [
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", protocol),
+            ("OTEL_RESOURCE_ATTRIBUTES", "deployment.environment=e2e"),
+            ("OTEL_BSP_SCHEDULE_DELAY", "200"),
+        ] {
+            vars.insert(k.to_string(), v.to_string());
+        }
         services.push(Service::start(name, &vars, logs.path()));
         metrics.insert(name, port);
     }
@@ -432,14 +415,7 @@ async fn one_trace_per_event_across_the_stages() {
         N as f64
     );
     assert!(metric(m["medallion-aggregate"], "medallion_table_version", &[]).await >= 1.0);
-    for s in &mut p.services {
-        assert!(
-            s.stop().success(),
-            "{} did not stop cleanly:\n{}",
-            s.name,
-            s.logs()
-        );
-    }
+    stop_all(&mut p.services);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -454,13 +430,8 @@ async fn no_collector_listening_changes_nothing() {
         gold_payments(lake.path()).await == N as i64
     })
     .await;
-    for s in &mut p.services {
-        assert!(
-            s.stop().success(),
-            "{} did not stop cleanly:\n{}",
-            s.name,
-            s.logs()
-        );
+    stop_all(&mut p.services);
+    for s in &p.services {
         let logs = s.logs();
         let errors: Vec<&str> = logs
             .lines()

@@ -502,6 +502,16 @@ async fn query(
         })?
         .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.to_string()))?;
     let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
+    // Recorded before the answer leaves, whatever its format.
+    s.audit
+        .record(AuditRecord::allowed(
+            &c.user,
+            "query",
+            &req.sql,
+            req.version,
+            Some(rows),
+        ))
+        .await;
     let wants_arrow = headers
         .get("accept")
         .and_then(|v| v.to_str().ok())
@@ -518,15 +528,6 @@ async fn query(
             w.finish()
                 .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
         }
-        s.audit
-            .record(AuditRecord::allowed(
-                &c.user,
-                "query",
-                &req.sql,
-                req.version,
-                Some(rows),
-            ))
-            .await;
         return Ok(([("content-type", ARROW_STREAM)], out).into_response());
     }
     let mut w = arrow_json::ArrayWriter::new(Vec::new());
@@ -552,15 +553,6 @@ async fn query(
                 .collect()
         })
         .unwrap_or_default();
-    s.audit
-        .record(AuditRecord::allowed(
-            &c.user,
-            "query",
-            &req.sql,
-            req.version,
-            Some(rows),
-        ))
-        .await;
     Ok(Json(
         json!({"columns": columns, "rows": data, "row_count": rows, "truncated": rows >= s.row_limit}),
     )

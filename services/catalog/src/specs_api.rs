@@ -26,6 +26,16 @@ pub struct PutParams {
     full_refresh: bool,
 }
 
+fn write_error(target: &str, e: WriteError) -> ApiError {
+    match e {
+        WriteError::Conflict => ApiError(
+            StatusCode::CONFLICT,
+            format!("{target} changed while this request was checked; read it again and retry"),
+        ),
+        WriteError::Bus(e) => ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    }
+}
+
 async fn require_admin(
     s: &AppState,
     c: &Caller,
@@ -146,22 +156,11 @@ pub async fn put_product(
             .await;
         return Err(ApiError(StatusCode::CONFLICT, reason));
     }
-    let revision = match s
+    let revision = s
         .registry
         .write(&key, &body, current.as_ref().map(|(r, _)| *r))
         .await
-    {
-        Ok(r) => r,
-        Err(WriteError::Conflict) => {
-            return Err(ApiError(
-                StatusCode::CONFLICT,
-                format!("{target} changed while this request was checked; read it again and retry"),
-            ));
-        }
-        Err(WriteError::Bus(e)) => {
-            return Err(ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string()));
-        }
-    };
+        .map_err(|e| write_error(&target, e))?;
     s.audit
         .record(AuditRecord::allowed(
             &c.user,
@@ -212,18 +211,10 @@ pub async fn delete_product(
             format!("no product {target}"),
         ));
     };
-    match s.registry.delete(&key, revision).await {
-        Ok(()) => {}
-        Err(WriteError::Conflict) => {
-            return Err(ApiError(
-                StatusCode::CONFLICT,
-                format!("{target} changed while this request was checked; retry"),
-            ));
-        }
-        Err(WriteError::Bus(e)) => {
-            return Err(ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string()));
-        }
-    }
+    s.registry
+        .delete(&key, revision)
+        .await
+        .map_err(|e| write_error(&target, e))?;
     s.audit
         .record(AuditRecord::allowed(
             &c.user,

@@ -30,14 +30,7 @@ fn b64(v: &Value) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn governance_end_to_end() {
-    medallion_runtime::install_crypto_provider();
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            std::env::var("MEDALLION_LOG")
-                .unwrap_or_else(|_| "warn,deltalake_core=error,buoyant_kernel=off".into()),
-        )
-        .with_test_writer()
-        .try_init();
+    common::init();
     let nats = NatsServer::start();
     let lake = tempfile::tempdir().unwrap();
     let products = tempfile::tempdir().unwrap();

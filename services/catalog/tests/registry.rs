@@ -69,14 +69,7 @@ async fn count(api: &Api, token: &str, sql: &str) -> Option<i64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn registry_round_trip_compatibility_and_hot_reload() {
-    medallion_runtime::install_crypto_provider();
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            std::env::var("MEDALLION_LOG")
-                .unwrap_or_else(|_| "warn,deltalake_core=error,buoyant_kernel=off".into()),
-        )
-        .with_test_writer()
-        .try_init();
+    common::init();
     let nats = NatsServer::start();
     let lake = tempfile::tempdir().unwrap();
     let products = tempfile::tempdir().unwrap();

@@ -1,3 +1,6 @@
+// Each test binary uses a different part of this module.
+#![allow(dead_code)]
+
 //! What the catalog tests share: the settings, the whole platform started
 //! in-process against one nats-server, and a small API client.
 
@@ -147,4 +150,16 @@ impl Api {
         let status = resp.status().as_u16();
         (status, resp.json().await.unwrap_or(Value::Null))
     }
+}
+
+/// Crypto provider and test logs (`MEDALLION_LOG` to see more).
+pub fn init() {
+    medallion_runtime::install_crypto_provider();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            std::env::var("MEDALLION_LOG")
+                .unwrap_or_else(|_| "warn,deltalake_core=error,buoyant_kernel=off".into()),
+        )
+        .with_test_writer()
+        .try_init();
 }
