@@ -22,6 +22,7 @@ import threading
 import time
 
 import deltalake
+import pyarrow
 import nats
 
 from harness import append_results, free_port, start_nats
@@ -48,7 +49,7 @@ def bronze_rows(lake):
     path = os.path.join(lake, "bronze", "bench", "traced")
     if not os.path.isdir(os.path.join(path, "_delta_log")):
         return 0
-    return sum(a["num_records"] for a in deltalake.DeltaTable(path).get_add_actions(flatten=True).to_pylist())
+    return sum(pyarrow.table(deltalake.DeltaTable(path).get_add_actions(flatten=True)).column("num_records").to_pylist())
 
 
 async def one(args, name, otel_env):
