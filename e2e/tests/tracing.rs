@@ -342,7 +342,10 @@ async fn one_trace_per_event_across_the_stages() {
     // Each stage's batch span links to every message it carried.
     for (service, batch_span) in [
         ("medallion-ingest", "ingest.batch"),
+        ("medallion-ingest", "bronze.commit"),
         ("medallion-transform", "transform.batch"),
+        ("medallion-transform", "silver.commit"),
+        ("medallion-aggregate", "aggregate.merge"),
         ("medallion-aggregate", "gold.commit"),
     ] {
         let batches: Vec<&SpanSeen> = spans
@@ -370,7 +373,7 @@ async fn one_trace_per_event_across_the_stages() {
                 b.resource.get("deployment.environment").map(String::as_str),
                 Some("e2e")
             );
-            if service == "medallion-ingest" {
+            if batch_span == "ingest.batch" {
                 // One ingest batch may hold several products: counts only.
                 assert!(
                     b.attributes.contains_key("messages") && b.attributes.contains_key("bytes"),
@@ -386,7 +389,7 @@ async fn one_trace_per_event_across_the_stages() {
                 assert!(b.attributes.contains_key("rows"), "{b:?}");
             }
         }
-        if service != "medallion-ingest" {
+        if batch_span != "ingest.batch" {
             assert!(
                 batches.iter().any(|b| b.attributes.contains_key("version")),
                 "{batch_span} spans carry the table version"

@@ -22,6 +22,8 @@ pub enum Batch {
     Shutdown,
     /// The message stream failed or ended; messages gathered so far come along.
     Broken(Vec<Message>, String),
+    /// No message for the idle period given to [`next_batch_or_idle`].
+    Idle,
 }
 
 /// Waits for a first message, then gathers more until a limit is reached or
@@ -35,8 +37,30 @@ where
     S: Stream<Item = Result<Message, E>> + Unpin,
     E: std::fmt::Display,
 {
+    next_batch_or_idle(stream, limits, None, shutdown).await
+}
+
+/// [`next_batch`], but returns [`Batch::Idle`] when no first message comes
+/// within `idle`, so the caller can check that its consumer is still live.
+pub async fn next_batch_or_idle<S, E>(
+    stream: &mut S,
+    limits: BatchLimits,
+    idle: Option<Duration>,
+    shutdown: &CancellationToken,
+) -> Batch
+where
+    S: Stream<Item = Result<Message, E>> + Unpin,
+    E: std::fmt::Display,
+{
+    let idle = async {
+        match idle {
+            Some(d) => tokio::time::sleep(d).await,
+            None => std::future::pending().await,
+        }
+    };
     let first = tokio::select! {
         _ = shutdown.cancelled() => return Batch::Shutdown,
+        _ = idle => return Batch::Idle,
         m = stream.next() => m,
     };
     let first = match first {

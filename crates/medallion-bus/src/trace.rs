@@ -63,6 +63,19 @@ pub fn traceparent_of(span: &tracing::Span) -> Option<String> {
     h.get("traceparent").map(|v| v.as_str().to_string())
 }
 
+/// Links `span` to each of `traceparents` (the contexts of the messages a
+/// batch holds), so a trace view can go from the batch to every message.
+pub fn link_all<'a>(span: &tracing::Span, traceparents: impl IntoIterator<Item = &'a str>) {
+    use opentelemetry::trace::TraceContextExt;
+    for tp in traceparents.into_iter().take(crate::event::MAX_LINKS) {
+        let cx = extract_traceparent(tp);
+        let sc = cx.span().span_context().clone();
+        if sc.is_valid() {
+            span.add_link(sc);
+        }
+    }
+}
+
 /// Continues each producer's trace through this stage: one short span per
 /// traced input, a child of the producer's context and linked to the batch
 /// span (which links back to each of them). Returns the new spans'

@@ -71,6 +71,28 @@ pub async fn read_commit(
     Ok(Some(rows))
 }
 
+/// The application metadata (`medallion.*` keys and the like) that the commit
+/// of `version` carries; `None` if that log entry is gone.
+pub async fn commit_metadata(
+    tref: &TableRef,
+    table: &DeltaTable,
+    version: i64,
+) -> Result<Option<std::collections::HashMap<String, serde_json::Value>>, LakeError> {
+    let Some(bytes) = table
+        .log_store()
+        .read_commit_entry(version as u64)
+        .await
+        .map_err(|e| LakeError::delta(tref, e))?
+    else {
+        return Ok(None);
+    };
+    let actions = get_actions(version as u64, &bytes).map_err(|e| LakeError::delta(tref, e))?;
+    Ok(actions.into_iter().find_map(|a| match a {
+        Action::CommitInfo(ci) => Some(ci.info),
+        _ => None,
+    }))
+}
+
 /// Every row of the table at its loaded version.
 pub async fn read_all(tref: &TableRef, table: &DeltaTable) -> Result<Vec<RecordBatch>, LakeError> {
     let store = table.log_store().object_store(None);

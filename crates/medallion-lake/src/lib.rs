@@ -7,7 +7,7 @@ mod object_stores;
 pub mod query;
 pub mod writer;
 
-pub use commits::{CommitRows, open_at, read_all, read_commit, read_parquet};
+pub use commits::{CommitRows, commit_metadata, open_at, read_all, read_commit, read_parquet};
 pub use error::LakeError;
 pub use location::Lake;
 pub use writer::{

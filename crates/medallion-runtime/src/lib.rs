@@ -16,6 +16,13 @@ use std::future::Future;
 use std::process::ExitCode;
 
 pub use env::{ConfigErrors, EnvReader};
+
+// Every Medallion binary allocates and frees batch-sized buffers (tens of MB)
+// per micro-batch. glibc's malloc returns those to the kernel and then faults
+// freshly zeroed pages back in for the next batch (≈10% of the transform's CPU
+// in profiles); mimalloc keeps its segments and reuses them.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 pub use health::Health;
 pub use prometheus;
 pub use tokio_util::sync::CancellationToken;

@@ -66,7 +66,12 @@ fn histogram(
     help: &str,
     labels: &[&str],
 ) -> prometheus::Result<HistogramVec> {
-    let buckets = exponential_buckets(0.001, 2.0, 16)?; // 1 ms .. 33 s
+    // Fine around 0.1–1 s, where latency objectives sit (a p99 < 1 s goal
+    // needs a bucket bound at 1 s), coarse beyond.
+    let buckets = vec![
+        0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 1.5,
+        2.0, 3.0, 5.0, 10.0, 30.0, 60.0,
+    ];
     let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), labels)?;
     r.register(Box::new(h.clone()))?;
     Ok(h)

@@ -76,6 +76,8 @@ pub async fn run(config: AggregateConfig, rt: Runtime) -> anyhow::Result<()> {
             }
             batch = next_batch(&mut messages, config.batch, &rt.shutdown) => match batch {
                 Batch::Shutdown => break,
+                // Without an idle period `next_batch` waits for a message.
+                Batch::Idle => {}
                 Batch::Messages(msgs) => a.on_events(msgs).await,
                 Batch::Broken(msgs, e) => {
                     warn!(error = %e, "silver event stream interrupted; re-subscribing");
@@ -196,8 +198,16 @@ impl Aggregate {
         let tables = self.states.get_mut(id).expect("opened above");
         for t in tables.iter_mut() {
             while t.processed < latest {
-                let span = info_span!("gold.commit", product, layer = LAYER, table = %t.writer.table_ref(), rows = tracing::field::Empty, version = tracing::field::Empty);
-                let _links = medallion_bus::trace::continue_traces(
+                let span = info_span!(
+                    "aggregate.merge",
+                    product,
+                    layer = LAYER,
+                    table = %t.writer.table_ref(),
+                    silver_rows = tracing::field::Empty,
+                    rows = tracing::field::Empty,
+                    version = tracing::field::Empty
+                );
+                let links = medallion_bus::trace::continue_traces(
                     "aggregate.message",
                     links.iter().map(String::as_str),
                     &span,
@@ -212,6 +222,8 @@ impl Aggregate {
                     &js,
                     max_payload,
                     &metrics,
+                    &product,
+                    &links,
                 )
                 .instrument(span)
                 .await
@@ -247,6 +259,8 @@ async fn advance(
     js: &jetstream::Context,
     max_payload: usize,
     metrics: &PipelineMetrics,
+    product: &str,
+    links: &[String],
 ) -> Result<(), String> {
     let started = Instant::now();
     let mut rows = Vec::new();
@@ -309,6 +323,55 @@ async fn advance(
             .collect();
         (WriteMode::Replace(removes), buckets, touched)
     };
+    let merge_span = tracing::Span::current();
+    merge_span
+        .record("silver_rows", n)
+        .record("rows", touched.len());
+    let commit_span = info_span!(
+        "gold.commit",
+        product,
+        layer = LAYER,
+        table = %t.writer.table_ref(),
+        rows = touched.len(),
+        version = tracing::field::Empty
+    );
+    medallion_bus::trace::link_all(&commit_span, links.iter().map(String::as_str));
+    commit_gold(
+        t,
+        buckets,
+        touched,
+        mode,
+        refresh,
+        last,
+        &rows,
+        started,
+        js,
+        max_payload,
+        metrics,
+        links,
+        &merge_span,
+    )
+    .instrument(commit_span)
+    .await
+}
+
+/// Writes the touched buckets as one Delta commit and announces the changed groups.
+#[allow(clippy::too_many_arguments)]
+async fn commit_gold(
+    t: &mut GoldTable,
+    buckets: std::collections::BTreeSet<usize>,
+    touched: Vec<Vec<u8>>,
+    mode: WriteMode,
+    refresh: bool,
+    last: i64,
+    rows: &[RecordBatch],
+    started: Instant,
+    js: &jetstream::Context,
+    max_payload: usize,
+    metrics: &PipelineMetrics,
+    links: &[String],
+    merge_span: &tracing::Span,
+) -> Result<(), String> {
     let groups: Vec<Vec<RecordBatch>> = buckets
         .iter()
         .map(|b| vec![t.state.bucket_rows(*b)])
@@ -320,7 +383,10 @@ async fn advance(
             &groups,
             last,
             mode,
-            &[("medallion.silver_version", last.into())],
+            &[
+                ("medallion.silver_version", last.into()),
+                (GOLD_SQL_KEY, normalized_sql(&t.state.plan.sql).into()),
+            ],
         )
         .await
         .map_err(|e| e.to_string())?;
@@ -334,9 +400,8 @@ async fn advance(
     t.rebuild = false;
     t.files = bucket_files(&t.writer, &t.state).await?;
     let tref = t.writer.table_ref().clone();
-    tracing::Span::current()
-        .record("rows", touched.len())
-        .record("version", version);
+    tracing::Span::current().record("version", version);
+    merge_span.record("version", version);
     metrics
         .commit_seconds
         .with_label_values(&[LAYER])
@@ -347,13 +412,13 @@ async fn advance(
         .inc_by(touched.len() as u64);
     metrics.committed(&tref.sql_name(), version);
     if !refresh {
-        for b in &rows {
+        for b in rows {
             if let Some(at) = medallion_spec::ingested_at_micros(b) {
                 metrics.observe_latency(LAYER, at);
             }
         }
     }
-    info!(table = %tref, groups = touched.len(), version, silver_version = last, "gold.commit");
+    info!(table = %tref, groups = touched.len(), version, silver_version = last, "gold committed");
     let changed = t.state.rows_of(&touched);
     let commit = Commit {
         table: &tref,
@@ -361,7 +426,7 @@ async fn advance(
         operation: Operation::Append,
         schema: t.state.table_schema.clone(),
         batches: std::slice::from_ref(&changed),
-        links: &[],
+        links,
     };
     if let Err(e) = publish_commit(js, commit, max_payload).await {
         warn!(table = %tref, version, error = %e, "gold event not published");
@@ -417,6 +482,13 @@ fn state_key(state: &GoldState, b: &RecordBatch) -> Vec<u8> {
         .to_vec()
 }
 
+/// Commit metadata naming the query a Gold table's rows were computed by.
+const GOLD_SQL_KEY: &str = "medallion.gold_sql";
+
+fn normalized_sql(sql: &str) -> String {
+    sql.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
 async fn open_tables(lake: &Lake, contract: &Arc<Contract>) -> Result<Vec<GoldTable>, String> {
     let mut out = Vec::new();
     for plan in &contract.gold {
@@ -443,6 +515,21 @@ async fn open_tables(lake: &Lake, contract: &Arc<Contract>) -> Result<Vec<GoldTa
                 .iter()
                 .zip(state.table_schema.fields())
                 .all(|(a, b)| a.name() == b.name() && a.data_type() == b.data_type());
+        // Same columns but another query (a new WHERE, a changed expression):
+        // the stored groups were computed differently, so merging into them
+        // would mix two definitions.
+        let built_by = match writer.table().version() {
+            Some(v) if v > 0 => medallion_lake::commit_metadata(&tref, writer.table(), v as i64)
+                .await
+                .map_err(|e| e.to_string())?
+                .and_then(|m| {
+                    m.get(GOLD_SQL_KEY)
+                        .and_then(|s| s.as_str().map(String::from))
+                }),
+            _ => None,
+        };
+        let same_query = built_by.is_none_or(|sql| sql == normalized_sql(&plan.sql));
+        let same_shape = same_shape && same_query;
         let mut t = GoldTable {
             processed: writer.txn_version().unwrap_or(-1),
             writer,

@@ -84,10 +84,21 @@ fn events() -> Vec<(String, i64, f64, &'static str, Option<&'static str>)> {
 }
 
 fn expected() -> BTreeMap<(String, i64), (i64, f64)> {
+    expected_of(events(), 0.0)
+}
+
+/// The Gold rows of `evs` under the product's query plus `WHERE amount >= min_amount`.
+fn expected_of(
+    evs: Vec<(String, i64, f64, &'static str, Option<&'static str>)>,
+    min_amount: f64,
+) -> BTreeMap<(String, i64), (i64, f64)> {
     let mut seen = HashSet::new();
     let mut gold = BTreeMap::new();
-    for (id, hour, amount, currency, country) in events() {
-        let valid = amount > 0.0 && currency.trim().to_uppercase().len() == 3 && country.is_some();
+    for (id, hour, amount, currency, country) in evs {
+        let valid = amount > 0.0
+            && amount >= min_amount
+            && currency.trim().to_uppercase().len() == 3
+            && country.is_some();
         if !valid || !seen.insert(id) {
             continue;
         }
@@ -189,28 +200,9 @@ async fn gold_equals_an_independent_aggregate_after_kill_9() {
     );
     let mut aggregate = spawn_aggregate(&avars);
 
-    let base = "2026-12-01T";
     let evs = events();
     for (i, chunk) in evs.chunks(50).enumerate() {
-        let body: Vec<String> = chunk
-            .iter()
-            .map(|(id, hour, amount, currency, country)| {
-                let country = country.map(|c| format!("\"{c}\"")).unwrap_or("null".into());
-                format!(
-                    r#"{{"event_id":"{id}","ts":"{base}{:02}:{:02}:00Z","user_id":"u{id}","amount":{amount},"currency":"{currency}","country":{country}}}"#,
-                    hour,
-                    (id.len() * 7) % 60
-                )
-            })
-            .collect();
-        js.publish(
-            "medallion.ingest.finance.payments",
-            Bytes::from(body.join("\n")),
-        )
-        .await
-        .unwrap()
-        .await
-        .unwrap();
+        publish(&js, chunk).await;
         if i == 20 || i == 45 {
             aggregate.kill();
             tokio::time::sleep(Duration::from_millis(200)).await;
@@ -266,7 +258,57 @@ async fn gold_equals_an_independent_aggregate_after_kill_9() {
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(gold_rows(&lake, &gold).await, want);
 
+    // Same columns, another query: the stored groups were computed by the old
+    // one, so the aggregate rebuilds Gold from Silver instead of merging.
+    let spec = std::fs::read_to_string(products.path().join("payments.yaml")).unwrap();
+    let edited = spec.replace(
+        "FROM silver GROUP BY",
+        "FROM silver WHERE amount >= 5 GROUP BY",
+    );
+    assert_ne!(spec, edited);
+    std::fs::write(products.path().join("payments.yaml"), edited).unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let extra: Vec<_> = (0..20i64)
+        .map(|i| (format!("x{i}"), 1, 2.5 + i as f64, "eur", Some("FR")))
+        .collect();
+    publish(&js, &extra).await;
+    let mut all = events();
+    all.extend(extra);
+    let want = expected_of(all, 5.0);
+    eventually(
+        Duration::from_secs(60),
+        "gold rebuilt under the new query",
+        || async { gold_rows(&lake, &gold).await == want },
+    )
+    .await;
+
     aggregate.kill();
     transform.shutdown.cancel();
     ingest.shutdown.cancel();
+}
+
+async fn publish(
+    js: &jetstream::Context,
+    events: &[(String, i64, f64, &'static str, Option<&'static str>)],
+) {
+    let base = "2026-12-01T";
+    let body: Vec<String> = events
+        .iter()
+        .map(|(id, hour, amount, currency, country)| {
+            let country = country.map(|c| format!("\"{c}\"")).unwrap_or("null".into());
+            format!(
+                r#"{{"event_id":"{id}","ts":"{base}{:02}:{:02}:00Z","user_id":"u{id}","amount":{amount},"currency":"{currency}","country":{country}}}"#,
+                hour,
+                (id.len() * 7) % 60
+            )
+        })
+        .collect();
+    js.publish(
+        "medallion.ingest.finance.payments",
+        Bytes::from(body.join("\n")),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
 }

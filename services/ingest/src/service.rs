@@ -6,7 +6,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::Context as _;
 use async_nats::HeaderMap;
 use async_nats::jetstream::{self, consumer::DeliverPolicy, consumer::pull::OrderedConfig};
-use medallion_bus::batching::{Batch, next_batch};
+use medallion_bus::batching::{Batch, next_batch_or_idle};
 use medallion_bus::streams::{DLQ_SUBJECTS, INGEST_STREAM, INGEST_SUBJECTS};
 use medallion_bus::{Commit, Operation, headers, publish_commit, trace};
 use medallion_lake::{CommitOutcome, Lake, TableOptions, TableWriter, WriteMode};
@@ -91,8 +91,31 @@ pub async fn run(config: IngestConfig, rt: Runtime) -> anyhow::Result<()> {
         };
         ingest.rt.health.clear_problem("nats");
         loop {
-            match next_batch(&mut messages, config.batch, &rt.shutdown).await {
+            match next_batch_or_idle(&mut messages, config.batch, Some(IDLE_CHECK), &rt.shutdown)
+                .await
+            {
                 Batch::Shutdown => break,
+                Batch::Idle => {
+                    // Ingest purges what it commits, so messages still in the
+                    // stream while the consumer hears nothing were lost on
+                    // the way (a reconnect while a pull was in flight drops
+                    // them, and an ordered pull consumer does not notice a
+                    // gap at the tail): read again from the stream.
+                    if let Ok(info) = stream.info().await
+                        && info.state.messages > 0
+                    {
+                        warn!(
+                            messages = info.state.messages,
+                            "ingest consumer idle while the stream holds messages; re-reading from the stream"
+                        );
+                        ingest
+                            .metrics
+                            .errors
+                            .with_label_values(&["ingest", "consumer"])
+                            .inc();
+                        break;
+                    }
+                }
                 Batch::Messages(batch) => {
                     if !ingest.process(&stream, batch).await {
                         break;
@@ -117,6 +140,9 @@ pub async fn run(config: IngestConfig, rt: Runtime) -> anyhow::Result<()> {
     medallion_bus::flush_for_shutdown(&client, std::time::Duration::from_secs(5)).await;
     Ok(())
 }
+
+/// How long the ingest consumer may hear nothing before its liveness is checked.
+const IDLE_CHECK: Duration = Duration::from_secs(3);
 
 async fn backoff(rt: &Runtime) {
     tokio::select! {
@@ -342,6 +368,7 @@ impl Ingest {
             bytes,
             version = tracing::field::Empty
         );
+        trace::link_all(&span, links.iter().map(String::as_str));
         let schema = writer.schema().clone();
         let batch = to_batch(&schema, &fresh).map_err(|e| e.to_string())?;
         let started = Instant::now();

@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use arrow::array::{Array, ArrayRef, AsArray, Float64Array, StringArray};
+use arrow::array::{Array, ArrayRef, AsArray, Float64Array, StringArray, StringBuilder};
 use arrow::compute::{CastOptions, cast_with_options};
 use arrow::datatypes::DataType;
 use hmac::{Hmac, Mac};
@@ -15,19 +15,33 @@ use sha2::Sha256;
 /// Applies trim/upper/lower. Every value is also trimmed of surrounding
 /// whitespace before a non-string cast (" 12 " is the number 12).
 pub fn standardize(raw: &StringArray, column: &Column) -> StringArray {
-    let mode = column.standardize;
-    let trim_for_cast = !column.data_type.is_string();
-    raw.iter()
-        .map(|v| {
-            v.map(|s| match mode {
-                Some(Standardize::Trim) => s.trim().to_string(),
-                Some(Standardize::Upper) => s.trim().to_uppercase(),
-                Some(Standardize::Lower) => s.trim().to_lowercase(),
-                None if trim_for_cast => s.trim().to_string(),
-                None => s.to_string(),
-            })
-        })
-        .collect()
+    let case = column.standardize;
+    let trim = case.is_some() || !column.data_type.is_string();
+    let recase = |s: &str| match case {
+        Some(Standardize::Upper) => s.chars().any(char::is_lowercase),
+        Some(Standardize::Lower) => s.chars().any(char::is_uppercase),
+        _ => false,
+    };
+    let changes = |s: &str| (trim && s.trim().len() != s.len()) || recase(s);
+    // Most values are already clean: share the decoded buffer instead of
+    // copying every string.
+    if !raw.iter().flatten().any(changes) {
+        return raw.clone();
+    }
+    let mut out = StringBuilder::with_capacity(raw.len(), raw.value_data().len());
+    for v in raw.iter() {
+        let Some(s) = v else {
+            out.append_null();
+            continue;
+        };
+        let s = if trim { s.trim() } else { s };
+        match case {
+            Some(Standardize::Upper) if recase(s) => out.append_value(s.to_uppercase()),
+            Some(Standardize::Lower) if recase(s) => out.append_value(s.to_lowercase()),
+            _ => out.append_value(s),
+        }
+    }
+    out.finish()
 }
 
 /// Casts to the declared type; a value that does not convert is an error on

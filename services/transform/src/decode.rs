@@ -42,7 +42,11 @@ pub fn split_records(format: SourceFormat, payloads: &BinaryArray) -> Vec<Record
             }),
             SourceFormat::Ndjson | SourceFormat::Csv => {
                 let before = out.len();
-                for (line, l) in bytes.split(|b| *b == b'\n').enumerate() {
+                let mut start = 0;
+                let ends = memchr::memchr_iter(b'\n', bytes).chain(std::iter::once(bytes.len()));
+                for (line, end) in ends.enumerate() {
+                    let l = &bytes[start..end];
+                    start = end + 1;
                     let l = l.strip_suffix(b"\r").unwrap_or(l);
                     if l.iter().all(|b| b.is_ascii_whitespace()) {
                         continue;
@@ -64,6 +68,24 @@ pub fn split_records(format: SourceFormat, payloads: &BinaryArray) -> Vec<Record
         }
     }
     out
+}
+
+/// How many records [`split_records`] will find in a Bronze batch, cheaply
+/// (non-empty lines for ndjson/csv, messages for json), to size micro-batches.
+pub fn count_records(format: SourceFormat, bronze_batch: &RecordBatch) -> usize {
+    let Some(payloads) = bronze_batch
+        .column_by_name(medallion_spec::layout::bronze::PAYLOAD)
+        .and_then(|c| c.as_any().downcast_ref::<BinaryArray>())
+    else {
+        return bronze_batch.num_rows();
+    };
+    match format {
+        SourceFormat::Json => payloads.len(),
+        SourceFormat::Ndjson | SourceFormat::Csv => payloads
+            .iter()
+            .map(|p| p.map_or(1, |p| memchr::memchr_iter(b'\n', p).count() + 1))
+            .sum(),
+    }
 }
 
 /// The declared columns, all as nullable strings.

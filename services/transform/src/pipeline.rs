@@ -1,7 +1,7 @@
 //! One Bronze commit → Silver rows + quarantine rows + quality counts. Pure:
 //! no IO, so golden tests run it directly.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use arrow::array::{
@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::cleanse::{cast_column, check_required, mask_pii, standardize};
 use crate::decode::{decode, raw_schema, split_records};
-use crate::dedupe::{KeySet, key_hashes};
+use crate::dedupe::{KeyHashSet, KeySet, key_hashes};
 
 /// Per-batch quality counts, published on `medallion.quality.<domain>.<product>`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -93,7 +93,7 @@ pub fn transform(
     bronze_batch: &RecordBatch,
     bronze_version: i64,
     seen: &KeySet,
-    pending: &HashSet<u128>,
+    pending: &KeyHashSet,
     now_us: i64,
 ) -> Result<Output, Halt> {
     let spec = &contract.product.spec;
@@ -251,7 +251,7 @@ pub fn transform(
     } else {
         key_hashes(&key_cols).expect("row encoding of supported types")
     };
-    let mut batch_keys: HashSet<u128> = HashSet::new();
+    let mut batch_keys = KeyHashSet::default();
     let mut keep = vec![false; m];
     let mut new_keys = Vec::new();
     for row in 0..m {
@@ -305,6 +305,56 @@ pub fn transform(
         counts,
         new_keys,
     })
+}
+
+/// Splits a Bronze batch into slices of about `max_bytes` of payload. Ingest
+/// commits up to tens of MB at once; transformed whole, every intermediate
+/// buffer is a fresh multi-MB allocation the kernel has to zero, the work
+/// runs on one core, and the caches never hold it. Slices share the batch's
+/// buffers (no copy) and keep its row order.
+pub fn slices(bronze_batch: &RecordBatch, max_bytes: usize) -> Vec<RecordBatch> {
+    let Some(payloads) = bronze_batch
+        .column_by_name(bronze::PAYLOAD)
+        .and_then(|c| c.as_binary_opt::<i32>())
+    else {
+        return vec![bronze_batch.clone()];
+    };
+    let offsets = payloads.value_offsets();
+    let mut out = Vec::new();
+    let mut start = 0;
+    for row in 0..payloads.len() {
+        let bytes = (offsets[row + 1] - offsets[start]) as usize;
+        if row > start && bytes > max_bytes {
+            out.push(bronze_batch.slice(start, row - start));
+            start = row;
+        }
+    }
+    if start < bronze_batch.num_rows() || out.is_empty() {
+        out.push(bronze_batch.slice(start, bronze_batch.num_rows() - start));
+    }
+    out
+}
+
+/// Removes the Silver rows whose key an earlier batch of the same step already
+/// keeps (batches are transformed in parallel, each against the committed key
+/// set only), counting them as duplicates: the result is what transforming the
+/// batches one after another would give.
+pub fn drop_keys_seen(o: &mut Output, earlier: &KeyHashSet) {
+    if o.new_keys.is_empty() || earlier.is_empty() {
+        return;
+    }
+    let keep: Vec<bool> = o.new_keys.iter().map(|k| !earlier.contains(k)).collect();
+    let removed = keep.iter().filter(|k| !**k).count();
+    if removed == 0 {
+        return;
+    }
+    let mask = BooleanArray::from(keep.clone());
+    o.silver = filter_record_batch(&o.silver, &mask).expect("same length");
+    let mut flags = keep.iter();
+    o.new_keys
+        .retain(|_| *flags.next().expect("one flag per key"));
+    o.counts.rows_out -= removed as u64;
+    o.counts.duplicates += removed as u64;
 }
 
 /// `(expectation index, violating rows, first bronze seq)` of the first `fail` violation.

@@ -1,6 +1,6 @@
 //! The transform loop: Bronze events (or the Bronze table) → Silver + quarantine.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -18,8 +18,8 @@ use medallion_spec::layout::quarantine_schema;
 use medallion_spec::{Contract, TableRef};
 use tracing::{Instrument, error, info, info_span, warn};
 
-use crate::dedupe::KeySet;
-use crate::pipeline::{QualityCounts, transform};
+use crate::dedupe::{KeyHashSet, KeySet};
+use crate::pipeline::{Output, QualityCounts, drop_keys_seen, slices, transform};
 use crate::{APP_ID, REPLAY_SUBJECT, TransformConfig};
 use medallion_bus::registry::{SpecSource, sync_specs};
 use medallion_spec::PiiMode;
@@ -95,6 +95,8 @@ pub async fn run(config: TransformConfig, rt: Runtime) -> anyhow::Result<()> {
             }
             batch = next_batch(&mut messages, config.batch, &rt.shutdown) => match batch {
                 Batch::Shutdown => break,
+                // Without an idle period `next_batch` waits for a message.
+                Batch::Idle => {}
                 Batch::Messages(msgs) => t.on_events(msgs).await,
                 Batch::Broken(msgs, e) => {
                     warn!(error = %e, "bronze event stream interrupted; re-subscribing");
@@ -334,6 +336,17 @@ impl Transform {
                         links.iter().map(String::as_str),
                         &span,
                     );
+                    let commit_span = info_span!(
+                        parent: &span,
+                        "silver.commit",
+                        product,
+                        layer = LAYER,
+                        rows = counts.rows_out,
+                        quarantined = counts.quarantined,
+                        bronze_version = last,
+                        version = tracing::field::Empty
+                    );
+                    medallion_bus::trace::link_all(&commit_span, links.iter().map(String::as_str));
                     match commit(
                         state,
                         out_silver,
@@ -346,7 +359,7 @@ impl Transform {
                         &metrics,
                         &links,
                     )
-                    .instrument(span)
+                    .instrument(commit_span)
                     .await
                     {
                         Ok(()) => health.clear_problem(&format!("lake {product}")),
@@ -418,11 +431,14 @@ enum Step {
         out_silver: Vec<RecordBatch>,
         out_quarantine: Vec<RecordBatch>,
         counts: QualityCounts,
-        new_keys: HashSet<u128>,
+        new_keys: KeyHashSet,
         last: i64,
         halt: Option<String>,
     },
 }
+
+/// Payload bytes per unit of parallel transform work (see [`slices`]).
+const SLICE_BYTES: usize = 1 << 20;
 
 #[allow(clippy::too_many_arguments)]
 async fn step(
@@ -435,15 +451,12 @@ async fn step(
     max_rows: usize,
     metrics: &PipelineMetrics,
 ) -> Result<Step, String> {
-    let mut out_silver = Vec::new();
-    let mut out_quarantine = Vec::new();
-    let mut counts = QualityCounts::default();
-    let mut pending: HashSet<u128> = HashSet::new();
-    let mut last = state.processed;
-    let mut rows = 0usize;
-    let mut halt = None;
     let product = pid(&state.contract);
-    let now = now_us();
+    let format = state.contract.product.spec.source.format;
+    // Gather Bronze versions until the step holds `max_rows` records.
+    let mut inputs: Vec<(i64, RecordBatch)> = Vec::new();
+    let mut versions = Vec::new();
+    let mut records = 0usize;
     for v in (state.processed + 1)..=latest {
         let batches = match fast.remove(&v) {
             Some(b) => b,
@@ -465,48 +478,55 @@ async fn step(
                 }
             }
         };
+        records += batches
+            .iter()
+            .map(|b| crate::decode::count_records(format, b))
+            .sum::<usize>();
+        inputs.extend(
+            batches
+                .iter()
+                .flat_map(|b| slices(b, SLICE_BYTES))
+                .map(|b| (v, b)),
+        );
+        versions.push(v);
+        failpoint::hit("transform.after_version");
+        if records >= max_rows {
+            break;
+        }
+    }
+
+    let outputs = transform_parallel(&state.contract, pii_key, &state.keys, &inputs, now_us());
+
+    // Fold in Bronze order; keys of earlier batches of this step count as seen
+    // (first occurrence wins), and a version with a halt ends the step before it.
+    let mut out_silver = Vec::new();
+    let mut out_quarantine = Vec::new();
+    let mut counts = QualityCounts::default();
+    let mut pending = KeyHashSet::default();
+    let mut last = state.processed;
+    let mut halt = None;
+    let mut outputs = inputs.iter().map(|(v, _)| *v).zip(outputs).peekable();
+    for v in versions {
         let mut version_out = Vec::new();
-        for b in &batches {
-            let contract = state.contract.clone();
-            let keys = &state.keys;
-            let pend = &pending;
-            // A panic on hostile input must not take the service down: the
-            // batch is reported and the product halts at this version.
-            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                transform(&contract, pii_key, b, v, keys, pend, now)
-            }));
+        while let Some((_, r)) = outputs.next_if(|(ov, _)| *ov == v) {
             match r {
-                Ok(Ok(o)) => version_out.push(o),
-                Ok(Err(h)) => {
-                    halt = Some(h.to_string());
-                    break;
-                }
-                Err(p) => {
-                    let msg = p
-                        .downcast_ref::<String>()
-                        .cloned()
-                        .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-                        .unwrap_or_default();
-                    halt = Some(format!("transform crashed on bronze version {v}: {msg}"));
-                    break;
+                Ok(o) => version_out.push(o),
+                Err(h) => {
+                    halt.get_or_insert(h);
                 }
             }
         }
         if halt.is_some() {
             break;
         }
-        for o in version_out {
-            rows += o.silver.num_rows() + o.quarantine.num_rows();
+        for mut o in version_out {
+            drop_keys_seen(&mut o, &pending);
             pending.extend(o.new_keys.iter().copied());
             counts.add(&o.counts);
             out_silver.push(o.silver);
             out_quarantine.push(o.quarantine);
         }
         last = v;
-        failpoint::hit("transform.after_version");
-        if rows >= max_rows {
-            break;
-        }
     }
     tracing::Span::current()
         .record("to", last)
@@ -521,13 +541,81 @@ async fn step(
     })
 }
 
+/// Transforms the batches on every core. Each batch is independent given the
+/// committed key set; cross-batch duplicates within the step are removed
+/// afterwards by [`drop_keys_seen`], in Bronze order. A panic on hostile input
+/// must not take the service down: it becomes a halt at that version.
+fn transform_parallel(
+    contract: &Arc<Contract>,
+    pii_key: Option<&[u8]>,
+    keys: &KeySet,
+    inputs: &[(i64, RecordBatch)],
+    now: i64,
+) -> Vec<Result<Output, String>> {
+    let one = |(v, b): &(i64, RecordBatch)| -> Result<Output, String> {
+        let none = KeyHashSet::default();
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            transform(contract, pii_key, b, *v, keys, &none, now)
+        })) {
+            Ok(Ok(o)) => Ok(o),
+            Ok(Err(h)) => Err(h.to_string()),
+            Err(p) => {
+                let msg = p
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_default();
+                Err(format!("transform crashed on bronze version {v}: {msg}"))
+            }
+        }
+    };
+    let workers = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .min(inputs.len());
+    if workers <= 1 {
+        return inputs.iter().map(one).collect();
+    }
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let mut results: Vec<Option<Result<Output, String>>> =
+        (0..inputs.len()).map(|_| None).collect();
+    let done: Vec<Vec<(usize, Result<Output, String>)>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..workers)
+            .map(|_| {
+                s.spawn(|| {
+                    let mut mine = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let Some(input) = inputs.get(i) else {
+                            break;
+                        };
+                        mine.push((i, one(input)));
+                    }
+                    mine
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("transform worker panics are caught"))
+            .collect()
+    });
+    for (i, r) in done.into_iter().flatten() {
+        results[i] = Some(r);
+    }
+    results
+        .into_iter()
+        .map(|r| r.expect("every batch transformed"))
+        .collect()
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn commit(
     state: &mut ProductState,
     silver: Vec<RecordBatch>,
     quarantine: Vec<RecordBatch>,
     counts: QualityCounts,
-    new_keys: HashSet<u128>,
+    new_keys: KeyHashSet,
     last: i64,
     js: &jetstream::Context,
     max_payload: usize,
@@ -640,6 +728,7 @@ async fn commit(
             }
         }
     }
+    tracing::Span::current().record("version", version);
     info!(
         product,
         layer = LAYER,
@@ -647,7 +736,7 @@ async fn commit(
         quarantined = counts.quarantined,
         version,
         bronze_version = last,
-        "silver.commit"
+        "silver committed"
     );
 
     let schema = state.silver.schema().clone();

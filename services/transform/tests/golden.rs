@@ -1,7 +1,8 @@
 //! Golden tests: spec + raw messages → expected Silver rows, quarantine rows
 //! and quality counts. One YAML fixture per case in `tests/golden/`.
 
-use std::collections::HashSet;
+mod common;
+use common::bronze;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -29,35 +30,6 @@ struct Case {
     counts: Option<Value>,
     #[serde(default)]
     halt: Option<String>,
-}
-
-fn bronze(payloads: &[String], first_seq: i64) -> RecordBatch {
-    let n = payloads.len();
-    let mut headers = MapBuilder::new(None, StringBuilder::new(), StringBuilder::new());
-    for _ in 0..n {
-        headers.append(true).unwrap();
-    }
-    let schema = bronze_schema();
-    let map_field = schema.field_with_name("headers").unwrap().clone();
-    let headers = headers.finish();
-    let headers = arrow::compute::cast(&headers, map_field.data_type()).unwrap();
-    RecordBatch::try_new(
-        schema,
-        vec![
-            Arc::new(BinaryArray::from_iter_values(
-                payloads.iter().map(|p| p.as_bytes()),
-            )),
-            Arc::new(Int64Array::from_iter_values(
-                first_seq..first_seq + n as i64,
-            )),
-            Arc::new(StringArray::from(vec!["medallion.ingest.d.p"; n])),
-            Arc::new(TimestampMicrosecondArray::from(vec![1_000_000; n]).with_timezone("UTC")),
-            Arc::new(TimestampMicrosecondArray::from(vec![2_000_000; n]).with_timezone("UTC")),
-            Arc::new(StringArray::from(vec![None::<&str>; n])),
-            headers,
-        ],
-    )
-    .unwrap()
 }
 
 fn to_json(batch: &RecordBatch, skip: &[&str]) -> Vec<Value> {
@@ -96,7 +68,7 @@ async fn golden(#[files("tests/golden/*.yaml")] path: PathBuf) {
             &b,
             v as i64 + 1,
             &keys,
-            &HashSet::new(),
+            &medallion_transform::dedupe::KeyHashSet::default(),
             0,
         ) {
             Ok(out) => {

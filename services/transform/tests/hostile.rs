@@ -1,7 +1,8 @@
 //! Hostile input ends in quarantine with a reason, never a crash, and the
 //! counts add up: records in = Silver + quarantine + dropped + duplicates.
 
-use std::collections::HashSet;
+mod common;
+use common::bronze;
 use std::sync::Arc;
 
 use arrow::array::{
@@ -31,33 +32,6 @@ spec:
   expectations:
     - {name: small_n, rule: "n IS NULL OR n < 1000", action: drop}
 "#;
-
-fn bronze(payloads: &[Vec<u8>]) -> RecordBatch {
-    let n = payloads.len();
-    let mut headers = MapBuilder::new(None, StringBuilder::new(), StringBuilder::new());
-    for _ in 0..n {
-        headers.append(true).unwrap();
-    }
-    let schema = bronze_schema();
-    let headers = arrow::compute::cast(
-        &headers.finish(),
-        schema.field_with_name("headers").unwrap().data_type(),
-    )
-    .unwrap();
-    RecordBatch::try_new(
-        schema,
-        vec![
-            Arc::new(BinaryArray::from_iter_values(payloads.iter())),
-            Arc::new(Int64Array::from_iter_values(1..=n as i64)),
-            Arc::new(StringArray::from(vec!["s"; n])),
-            Arc::new(TimestampMicrosecondArray::from(vec![0; n]).with_timezone("UTC")),
-            Arc::new(TimestampMicrosecondArray::from(vec![0; n]).with_timezone("UTC")),
-            Arc::new(StringArray::from(vec![None::<&str>; n])),
-            headers,
-        ],
-    )
-    .unwrap()
-}
 
 #[tokio::test]
 async fn hostile_records_are_quarantined_and_counts_add_up() {
@@ -103,10 +77,10 @@ async fn hostile_records_are_quarantined_and_counts_add_up() {
     let out = transform(
         &contract,
         None,
-        &bronze(&payloads),
+        &bronze(&payloads, 1),
         1,
         &KeySet::default(),
-        &HashSet::new(),
+        &medallion_transform::dedupe::KeyHashSet::default(),
         0,
     )
     .expect("no fail rule");
