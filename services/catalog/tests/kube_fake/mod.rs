@@ -1,5 +1,6 @@
 //! A small in-process Kubernetes API server for the DataProduct resources:
-//! GET, PATCH (JSON patch and merge patch) and the status subresource, with
+//! LIST and WATCH (what kube's watcher calls), GET, PATCH (JSON patch and
+//! merge patch) and the status subresource, with
 //! the API server's rules that the reconciler relies on — `test` of a missing
 //! field equals `null`, the status subresource changes only `.status`, and an
 //! object being deleted disappears once its last finalizer is removed. The
@@ -11,20 +12,43 @@ use std::sync::{Arc, Mutex};
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use serde_json::{Value, json};
 
+const COLLECTION: &str = "/apis/medallion.dev/v1alpha1/namespaces/{ns}/dataproducts";
 const BASE: &str = "/apis/medallion.dev/v1alpha1/namespaces/{ns}/dataproducts/{name}";
 
-#[derive(Default)]
 struct Store {
+    /// Every change as a watch event: (resourceVersion, type, object).
+    events: Vec<(u64, &'static str, Value)>,
+    changes: tokio::sync::broadcast::Sender<(u64, &'static str, Value)>,
     objects: BTreeMap<(String, String), Value>,
     /// Every request: `METHOD path content-type`.
     requests: Vec<String>,
     resource_version: u64,
+}
+
+impl Default for Store {
+    fn default() -> Self {
+        Store {
+            events: Vec::new(),
+            changes: tokio::sync::broadcast::channel(1024).0,
+            objects: BTreeMap::new(),
+            requests: Vec::new(),
+            resource_version: 0,
+        }
+    }
+}
+
+impl Store {
+    fn record(&mut self, kind: &'static str, object: &Value) {
+        let rv = self.resource_version;
+        self.events.push((rv, kind, object.clone()));
+        let _ = self.changes.send((rv, kind, object.clone()));
+    }
 }
 
 #[derive(Clone, Default)]
@@ -44,7 +68,15 @@ fn status(code: StatusCode, reason: &str, message: String) -> Response {
 impl FakeApi {
     /// Serves on a free port; returns a kube client for it.
     pub async fn start(&self) -> kube::Client {
+        let addr = self.serve().await;
+        let config = kube::Config::new(format!("http://{addr}").parse().unwrap());
+        kube::Client::try_from(config).unwrap()
+    }
+
+    /// Serves on a free port; returns its address.
+    pub async fn serve(&self) -> std::net::SocketAddr {
         let app = Router::new()
+            .route(COLLECTION, get(list_or_watch))
             .route(BASE, get(get_object).patch(patch_object))
             .route(
                 &format!("{BASE}/status"),
@@ -54,8 +86,7 @@ impl FakeApi {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-        let config = kube::Config::new(format!("http://{addr}").parse().unwrap());
-        kube::Client::try_from(config).unwrap()
+        addr
     }
 
     /// `kubectl apply` of a new object (or a spec change: generation + 1).
@@ -79,6 +110,7 @@ impl FakeApi {
                 merged["metadata"]["annotations"] = object["metadata"]["annotations"].take();
                 merged["metadata"]["generation"] = json!(generation);
                 merged["metadata"]["resourceVersion"] = json!(rv.to_string());
+                s.record("MODIFIED", &merged);
                 s.objects.insert(key, merged);
             }
             None => {
@@ -87,6 +119,7 @@ impl FakeApi {
                 object["metadata"]["generation"] = json!(1);
                 object["metadata"]["resourceVersion"] = json!(rv.to_string());
                 object["metadata"]["creationTimestamp"] = json!("2026-11-29T10:00:00Z");
+                s.record("ADDED", &object);
                 s.objects.insert(key, object);
             }
         }
@@ -96,15 +129,20 @@ impl FakeApi {
     pub fn delete(&self, name: &str) {
         let mut s = self.0.lock().unwrap();
         let key = ("default".to_string(), name.to_string());
-        let Some(obj) = s.objects.get_mut(&key) else {
+        let Some(mut obj) = s.objects.get(&key).cloned() else {
             return;
         };
+        s.resource_version += 1;
+        obj["metadata"]["resourceVersion"] = json!(s.resource_version.to_string());
         let has_finalizers = obj["metadata"]["finalizers"]
             .as_array()
             .is_some_and(|f| !f.is_empty());
         if has_finalizers {
             obj["metadata"]["deletionTimestamp"] = json!("2026-11-29T11:00:00Z");
+            s.record("MODIFIED", &obj);
+            s.objects.insert(key, obj);
         } else {
+            s.record("DELETED", &obj);
             s.objects.remove(&key);
         }
     }
@@ -231,9 +269,71 @@ fn patch(
         .as_array()
         .is_some_and(|f| !f.is_empty());
     if deleting && !finalizers_left {
+        s.record("DELETED", &next);
         s.objects.remove(&key);
     } else {
+        s.record("MODIFIED", &next);
         s.objects.insert(key, next.clone());
     }
     axum::Json(next).into_response()
+}
+
+/// LIST, or with `watch=true` a stream of the changes after
+/// `resourceVersion` (history first, then live), one JSON event per line.
+async fn list_or_watch(
+    State(api): State<FakeApi>,
+    Path(ns): Path<String>,
+    Query(q): Query<BTreeMap<String, String>>,
+) -> Response {
+    let mut s = api.0.lock().unwrap();
+    let watch = q.get("watch").is_some_and(|w| w == "true" || w == "1");
+    s.requests
+        .push(format!("{} {ns}", if watch { "WATCH" } else { "LIST" }));
+    if !watch {
+        let items: Vec<Value> = s
+            .objects
+            .iter()
+            .filter(|((n, _), _)| *n == ns)
+            .map(|(_, o)| o.clone())
+            .collect();
+        return axum::Json(json!({
+            "kind": "DataProductList", "apiVersion": "medallion.dev/v1alpha1",
+            "metadata": {"resourceVersion": s.resource_version.to_string()},
+            "items": items,
+        }))
+        .into_response();
+    }
+    let from: u64 = q
+        .get("resourceVersion")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let live = s.changes.subscribe();
+    let history: Vec<_> = s
+        .events
+        .iter()
+        .filter(|(rv, _, _)| *rv > from)
+        .cloned()
+        .collect();
+    let last = history.last().map(|(rv, _, _)| *rv).unwrap_or(from);
+    drop(s);
+    fn line(kind: &str, object: Value) -> Result<Bytes, std::convert::Infallible> {
+        let mut l = serde_json::to_vec(&json!({"type": kind, "object": object})).unwrap();
+        l.push(b'\n');
+        Ok(Bytes::from(l))
+    }
+    let past = futures::stream::iter(history.into_iter().map(|(_, k, o)| line(k, o)));
+    let future = futures::stream::unfold((live, last), |(mut rx, last)| async move {
+        loop {
+            match rx.recv().await {
+                Ok((rv, k, o)) if rv > last => return Some((line(k, o), (rx, rv))),
+                Ok(_) => continue,
+                Err(_) => return None,
+            }
+        }
+    });
+    use futures::StreamExt as _;
+    Response::builder()
+        .header("content-type", "application/json")
+        .body(axum::body::Body::from_stream(past.chain(future)))
+        .unwrap()
 }
