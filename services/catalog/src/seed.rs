@@ -128,6 +128,12 @@ async fn register_file(
     let new = Contract::from_yaml(text)
         .await
         .map_err(|e| Refused(e.to_string()))?;
+    // Ownership by a custom resource is the controller's to claim, not a file's.
+    if managed_by(text).is_some() {
+        return Err(Refused(format!(
+            "metadata.annotations.{MANAGED_BY_ANNOTATION}: set only by the Kubernetes controller; remove it"
+        )));
+    }
     let refresh_requested = new
         .product
         .metadata

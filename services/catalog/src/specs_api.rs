@@ -126,6 +126,20 @@ pub async fn put_product(
     let new = Contract::from_yaml(&body)
         .await
         .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.to_string()))?;
+    if new
+        .product
+        .metadata
+        .annotations
+        .contains_key(crate::seed::MANAGED_BY_ANNOTATION)
+    {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "metadata.annotations.{}: set only by the Kubernetes controller; remove it",
+                crate::seed::MANAGED_BY_ANNOTATION
+            ),
+        ));
+    }
     if new.domain() != d || new.name() != p {
         return Err(ApiError(
             StatusCode::BAD_REQUEST,

@@ -373,6 +373,19 @@ async fn api_refuses_writes_to_a_product_a_resource_owns() {
             .contains("DataProduct default/orders"),
         "{v}"
     );
+    // Nor can a PUT claim a resource's ownership for another product.
+    let claimed = doc.replace("name: orders", "name: claimed");
+    let (status, v) = api
+        .put_spec("/v1/products/shop/claimed", &admin, &claimed)
+        .await;
+    assert_eq!(status, 400, "{v}");
+    assert!(
+        v["error"]
+            .as_str()
+            .unwrap()
+            .contains("medallion.dev/managed-by"),
+        "{v}"
+    );
     let (status, v) = api
         .call("DELETE", "/v1/products/shop/orders", Some(&admin), None)
         .await;
