@@ -88,7 +88,7 @@ impl FolderSeed {
                     error!(file = %file, error = %e, "product spec file not registered; retrying");
                     self.problems.insert(file.clone(), e);
                 }
-                Err(Refused(e)) => {
+                Err(Refused(e) | Breaking(e)) => {
                     self.seen.insert(file.clone(), hash);
                     error!(file = %file, error = %e, "product spec file refused; the registered version stays");
                     self.problems.insert(file.clone(), e);
@@ -115,10 +115,12 @@ impl FolderSeed {
 pub(crate) enum SeedError {
     /// Transient (registry unreachable, a concurrent write): try again.
     Retry(String),
-    /// The document cannot be taken as it is (invalid, breaking, owned elsewhere).
+    /// The document cannot be taken as it is (invalid, owned elsewhere).
     Refused(String),
+    /// Breaking changes, and no full refresh was asked for.
+    Breaking(String),
 }
-use SeedError::{Refused, Retry};
+use SeedError::{Breaking, Refused, Retry};
 
 /// Registers one file's document; `Some((revision, full_refresh))` when the registry changed.
 async fn register_file(
@@ -189,7 +191,7 @@ pub(crate) async fn register_document(
         let breaking = breaking_changes(&old, new);
         full_refresh = !breaking.is_empty();
         if full_refresh && !refresh_requested {
-            return Err(Refused(format!(
+            return Err(Breaking(format!(
                 "breaking changes refused: {}; to rebuild the product's tables from Bronze under the new spec, add the annotation {FULL_REFRESH_ANNOTATION}: \"true\"",
                 breaking.join("; ")
             )));

@@ -186,14 +186,19 @@ async fn apply(
             let revision = current_revision(&ctx.registry, &id).await?;
             Outcome::Registered { revision }
         }
-        Err(SeedError::Refused(message)) => {
+        Err(SeedError::Breaking(message)) => {
             info!(resource = %owner, product = %qualified, error = %message, "DataProduct change refused; the registered version stays");
-            let reason = if message.contains(FULL_REFRESH_ANNOTATION) {
-                "BreakingChange"
-            } else {
-                "Conflict"
-            };
-            Outcome::Refused { reason, message }
+            Outcome::Refused {
+                reason: "BreakingChange",
+                message,
+            }
+        }
+        Err(SeedError::Refused(message)) => {
+            info!(resource = %owner, product = %qualified, error = %message, "DataProduct refused; the registered version stays");
+            Outcome::Refused {
+                reason: "Conflict",
+                message,
+            }
         }
         Err(SeedError::Retry(message)) => return Err(Error::Registry(message)),
     };

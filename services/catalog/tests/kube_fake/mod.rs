@@ -1,3 +1,6 @@
+// Each test binary uses a different part of this module.
+#![allow(dead_code)]
+
 //! A small in-process Kubernetes API server for the DataProduct resources:
 //! LIST and WATCH (what kube's watcher calls), GET, PATCH (JSON patch and
 //! merge patch) and the status subresource, with
