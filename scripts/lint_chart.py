@@ -42,7 +42,10 @@ def wrong_values_fail(chart: str) -> list:
     for path, value in ((("nats", "streamReplicas"), 2),
                         (("lake", "location"), "relative/path"),
                         (("batch", "wait"), "soon"),
-                        (("typo_at_top_level",), True)):
+                        (("typo_at_top_level",), True),
+                        (("kubeController", "enabled"), "yes"),
+                        # Pipeline stages are one writer per table: the chart refuses to autoscale them.
+                        (("services", "transform", "autoscaling"), {"enabled": True})):
         values = json.loads(json.dumps(base))
         node = values
         for key in path[:-1]:

@@ -7,6 +7,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::types::ColumnType;
 
+// The JSON Schema derives (feature `schema`) exist for the catalog, which
+// publishes the spec as a Kubernetes CRD; pipeline services build without them.
+
 pub const API_VERSION: &str = "medallion.dev/v1alpha1";
 pub const KIND: &str = "DataProduct";
 
@@ -32,6 +35,7 @@ pub struct Metadata {
     pub annotations: BTreeMap<String, String>,
 }
 
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ProductSpec {
@@ -59,6 +63,7 @@ pub struct ProductSpec {
     pub sla: Option<Sla>,
 }
 
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Source {
@@ -66,6 +71,7 @@ pub struct Source {
     pub format: SourceFormat,
 }
 
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum SourceFormat {
@@ -78,6 +84,7 @@ pub enum SourceFormat {
     Csv,
 }
 
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Column {
@@ -98,6 +105,7 @@ fn is_false(b: &bool) -> bool {
     !*b
 }
 
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum PiiMode {
@@ -107,14 +115,19 @@ pub enum PiiMode {
     Redact,
 }
 
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Standardize {
+    /// Leading and trailing whitespace removed.
     Trim,
+    /// Upper case.
     Upper,
+    /// Lower case.
     Lower,
 }
 
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Expectation {
@@ -124,6 +137,7 @@ pub struct Expectation {
     pub action: ExpectationAction,
 }
 
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, Hash)]
 #[serde(rename_all = "lowercase")]
 pub enum ExpectationAction {
@@ -149,6 +163,7 @@ impl fmt::Display for ExpectationAction {
     }
 }
 
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Derive {
@@ -156,6 +171,7 @@ pub struct Derive {
     pub expr: String,
 }
 
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GoldTable {
@@ -165,6 +181,7 @@ pub struct GoldTable {
     pub description: Option<String>,
 }
 
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Access {
@@ -174,6 +191,7 @@ pub struct Access {
     pub mask: Vec<String>,
 }
 
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Layer {
@@ -209,6 +227,7 @@ impl fmt::Display for Layer {
     }
 }
 
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Sla {

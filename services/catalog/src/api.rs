@@ -30,7 +30,8 @@ pub struct AppState {
     pub products: RwLock<Products>,
     pub registry: Registry,
     pub source: SpecSource,
-    pub seed: tokio::sync::Mutex<crate::seed::FolderSeed>,
+    /// Shared with the Kubernetes controller, which must not take a product a file owns.
+    pub seed: Arc<tokio::sync::Mutex<crate::seed::FolderSeed>>,
     pub client: async_nats::Client,
     pub health: medallion_runtime::Health,
     pub quality: crate::quality::Quality,
@@ -254,6 +255,21 @@ async fn table_summary(lake: &Lake, t: &TableRef, contract: &Contract) -> Value 
     })
 }
 
+/// The version and last commit time (ms) of a table; `None` when it does not exist yet.
+pub(crate) async fn last_commit(lake: &Lake, t: &TableRef) -> Option<(Option<i64>, Option<i64>)> {
+    let table = medallion_lake::open_at(lake, t, None)
+        .await
+        .ok()
+        .flatten()?;
+    let version = table.version().map(|v| v as i64)?;
+    let last_ms = medallion_lake::read_commit(t, &table, version)
+        .await
+        .ok()
+        .flatten()
+        .and_then(|c| c.timestamp);
+    Some((Some(version), last_ms))
+}
+
 /// The product `d.name` if it exists and the caller may see it (a denial is audited).
 pub(crate) async fn visible_product(
     s: &AppState,
@@ -302,11 +318,18 @@ async fn get_product(
     add_quality(&s, &contract, &mut summary).await;
     summary["spec"] = serde_json::to_value(&contract.product).unwrap_or(Value::Null);
     let key = medallion_bus::registry::key(&d, &p);
-    if let Ok(Some((revision, _))) = s.registry.current(&key).await {
+    let current = s.registry.current(&key).await.ok().flatten();
+    if let Some((revision, _)) = &current {
         summary["revision"] = json!(revision);
     }
     if let Some(file) = s.seed.lock().await.managed.get(&(d.clone(), p.clone())) {
         summary["managed_by"] = json!(file);
+    }
+    if let Some(owner) = current
+        .as_ref()
+        .and_then(|(_, t)| crate::seed::managed_by(t))
+    {
+        summary["managed_by"] = json!(owner);
     }
     s.audit
         .record(AuditRecord::allowed(

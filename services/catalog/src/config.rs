@@ -19,6 +19,8 @@ pub struct CatalogConfig {
     pub row_limit: usize,
     pub query_timeout: Duration,
     pub reload_interval: Duration,
+    /// Run the DataProduct controller (`MEDALLION_KUBE_CONTROLLER`).
+    pub kube_controller: bool,
 }
 
 impl CatalogConfig {
@@ -77,6 +79,7 @@ impl CatalogConfig {
             row_limit: env.usize("MEDALLION_QUERY_ROW_LIMIT", 1),
             query_timeout: env.duration("MEDALLION_QUERY_TIMEOUT"),
             reload_interval: env.duration("MEDALLION_RELOAD_INTERVAL"),
+            kube_controller: env.bool("MEDALLION_KUBE_CONTROLLER"),
         }
     }
 }

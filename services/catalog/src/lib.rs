@@ -11,9 +11,10 @@ mod api;
 pub mod audit;
 pub mod auth;
 pub mod config;
+pub mod kube;
 pub mod openlineage;
 pub mod quality;
-mod seed;
+pub mod seed;
 mod service;
 mod specs_api;
 

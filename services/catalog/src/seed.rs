@@ -21,6 +21,11 @@ use crate::audit::{Audit, AuditRecord};
 /// Gold tables are rebuilt from Bronze.
 pub const FULL_REFRESH_ANNOTATION: &str = "medallion.dev/full-refresh";
 
+/// Set by the Kubernetes controller on the documents it registers
+/// (`DataProduct <namespace>/<name>`): ownership travels with the document,
+/// so every catalog replica refuses API writes to it, controller or not.
+pub const MANAGED_BY_ANNOTATION: &str = "medallion.dev/managed-by";
+
 pub struct FolderSeed {
     dir: PathBuf,
     seen: HashMap<String, u64>,
@@ -83,7 +88,7 @@ impl FolderSeed {
                     error!(file = %file, error = %e, "product spec file not registered; retrying");
                     self.problems.insert(file.clone(), e);
                 }
-                Err(Refused(e)) => {
+                Err(Refused(e) | Breaking(e)) => {
                     self.seen.insert(file.clone(), hash);
                     error!(file = %file, error = %e, "product spec file refused; the registered version stays");
                     self.problems.insert(file.clone(), e);
@@ -106,11 +111,16 @@ impl FolderSeed {
     }
 }
 
-enum SeedError {
+/// Why a document was not registered.
+pub(crate) enum SeedError {
+    /// Transient (registry unreachable, a concurrent write): try again.
     Retry(String),
+    /// The document cannot be taken as it is (invalid, owned elsewhere).
     Refused(String),
+    /// Breaking changes, and no full refresh was asked for.
+    Breaking(String),
 }
-use SeedError::{Refused, Retry};
+use SeedError::{Breaking, Refused, Retry};
 
 /// Registers one file's document; `Some((revision, full_refresh))` when the registry changed.
 async fn register_file(
@@ -120,6 +130,43 @@ async fn register_file(
     let new = Contract::from_yaml(text)
         .await
         .map_err(|e| Refused(e.to_string()))?;
+    // Ownership by a custom resource is the controller's to claim, not a file's.
+    if managed_by(text).is_some() {
+        return Err(Refused(format!(
+            "metadata.annotations.{MANAGED_BY_ANNOTATION}: set only by the Kubernetes controller; remove it"
+        )));
+    }
+    let refresh_requested = new
+        .product
+        .metadata
+        .annotations
+        .get(FULL_REFRESH_ANNOTATION)
+        .is_some_and(|v| v == "true");
+    register_document(registry, text, &new, refresh_requested).await
+}
+
+/// The owner a registered document names in its `medallion.dev/managed-by`
+/// annotation (a DataProduct custom resource), if any.
+pub(crate) fn managed_by(document: &str) -> Option<String> {
+    let doc: serde_yaml::Value = serde_yaml::from_str(document).ok()?;
+    doc.get("metadata")?
+        .get("annotations")?
+        .get(MANAGED_BY_ANNOTATION)?
+        .as_str()
+        .map(str::to_string)
+}
+
+/// Registers a compiled document under the rules every declarative source
+/// shares (the folder and the Kubernetes controller): an identical document
+/// is a no-op, a breaking change needs `refresh_requested`, a product owned
+/// by another custom resource is refused, and the write is compare-and-set.
+/// `Some((revision, full_refresh))` when the registry changed.
+pub(crate) async fn register_document(
+    registry: &Registry,
+    text: &str,
+    new: &Contract,
+    refresh_requested: bool,
+) -> Result<(ProductId, Option<(u64, bool)>), SeedError> {
     let id = (new.domain().to_string(), new.name().to_string());
     let key = registry::key(&id.0, &id.1);
     let current = registry
@@ -129,20 +176,22 @@ async fn register_file(
     if current.as_ref().is_some_and(|(_, t)| t == text) {
         return Ok((id, None));
     }
-    let refresh_requested = new
-        .product
-        .metadata
-        .annotations
-        .get(FULL_REFRESH_ANNOTATION)
-        .is_some_and(|v| v == "true");
+    if let Some(owner) = current.as_ref().and_then(|(_, t)| managed_by(t))
+        && managed_by(text).as_deref() != Some(owner.as_str())
+    {
+        return Err(Refused(format!(
+            "{}.{} belongs to the custom resource {owner}; change or delete that resource instead",
+            id.0, id.1
+        )));
+    }
     let mut full_refresh = false;
     if let Some((_, old_text)) = &current
         && let Ok(old) = Contract::from_yaml(old_text).await
     {
-        let breaking = breaking_changes(&old, &new);
+        let breaking = breaking_changes(&old, new);
         full_refresh = !breaking.is_empty();
         if full_refresh && !refresh_requested {
-            return Err(Refused(format!(
+            return Err(Breaking(format!(
                 "breaking changes refused: {}; to rebuild the product's tables from Bronze under the new spec, add the annotation {FULL_REFRESH_ANNOTATION}: \"true\"",
                 breaking.join("; ")
             )));

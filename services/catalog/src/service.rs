@@ -34,7 +34,9 @@ pub async fn run(config: CatalogConfig, rt: Runtime) -> anyhow::Result<()> {
         products: RwLock::new(Products::new()),
         registry,
         source,
-        seed: tokio::sync::Mutex::new(FolderSeed::new(config.products.clone())),
+        seed: Arc::new(tokio::sync::Mutex::new(FolderSeed::new(
+            config.products.clone(),
+        ))),
         client: client.clone(),
         health: rt.health.clone(),
         quality: crate::quality::follow(js.clone()),
@@ -45,6 +47,9 @@ pub async fn run(config: CatalogConfig, rt: Runtime) -> anyhow::Result<()> {
     });
     state.seed_from_folder().await;
     state.sync().await;
+    if config.kube_controller {
+        start_kube_controller(&state, &rt).await?;
+    }
     let addr = rt.serve_http(config.addr, router(state.clone())).await?;
     info!(%addr, products = %config.products.display(), "catalog started");
     rt.health.set_started();
@@ -60,6 +65,32 @@ pub async fn run(config: CatalogConfig, rt: Runtime) -> anyhow::Result<()> {
         }
     }
     medallion_bus::flush_for_shutdown(&client, std::time::Duration::from_secs(5)).await;
+    Ok(())
+}
+
+/// Starts the DataProduct controller in this process: the catalog is the
+/// registry's only writer, so resources go through the same checks as
+/// files and API calls, with no second writer to coordinate with.
+async fn start_kube_controller(state: &Arc<AppState>, rt: &Runtime) -> anyhow::Result<()> {
+    // kube's TLS needs a process-wide rustls provider (both ring and aws-lc
+    // are linked; see STACK.md). Idempotent.
+    medallion_runtime::install_crypto_provider();
+    let client = kube::Client::try_default()
+        .await
+        .context("MEDALLION_KUBE_CONTROLLER=true but no Kubernetes configuration was found (in-cluster service account or KUBECONFIG)")?;
+    let ctx = Arc::new(crate::kube::reconcile::Context {
+        client,
+        registry: state.registry.clone(),
+        lake: state.lake.clone(),
+        audit: state.audit.clone(),
+        folder: state.seed.clone(),
+        nats: state.client.clone(),
+    });
+    tokio::spawn(crate::kube::controller::run(
+        ctx,
+        rt.health.clone(),
+        rt.shutdown.clone(),
+    ));
     Ok(())
 }
 

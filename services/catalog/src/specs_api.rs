@@ -70,12 +70,25 @@ async fn refuse_if_managed(
         .managed
         .get(&(d.to_string(), p.to_string()))
         .cloned();
-    match managed {
+    let reason = match managed {
+        Some(file) => Some(format!(
+            "{d}.{p} is defined by the file {file} in MEDALLION_PRODUCTS; change or remove that file instead (the folder would otherwise undo this request)"
+        )),
+        // A product a custom resource owns says so in its registered document.
+        None => s
+            .registry
+            .current(&registry::key(d, p))
+            .await
+            .ok()
+            .flatten()
+            .and_then(|(_, text)| crate::seed::managed_by(&text))
+            .map(|owner| format!(
+                "{d}.{p} is defined by the Kubernetes resource {owner}; change or delete that resource instead (the controller would otherwise undo this request)"
+            )),
+    };
+    match reason {
         None => Ok(()),
-        Some(file) => {
-            let reason = format!(
-                "{d}.{p} is defined by the file {file} in MEDALLION_PRODUCTS; change or remove that file instead (the folder would otherwise undo this request)"
-            );
+        Some(reason) => {
             s.audit
                 .record(AuditRecord::denied(
                     &c.user,
@@ -113,6 +126,20 @@ pub async fn put_product(
     let new = Contract::from_yaml(&body)
         .await
         .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.to_string()))?;
+    if new
+        .product
+        .metadata
+        .annotations
+        .contains_key(crate::seed::MANAGED_BY_ANNOTATION)
+    {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "metadata.annotations.{}: set only by the Kubernetes controller; remove it",
+                crate::seed::MANAGED_BY_ANNOTATION
+            ),
+        ));
+    }
     if new.domain() != d || new.name() != p {
         return Err(ApiError(
             StatusCode::BAD_REQUEST,
@@ -284,24 +311,28 @@ impl AppState {
     /// spec (Gold follows: the aggregate rebuilds when Silver is rewritten).
     /// Runs in the background: a rebuild takes as long as Bronze is large.
     pub fn start_full_refresh(&self, d: &str, p: &str) {
-        let client = self.client.clone();
-        let product = format!("{d}.{p}");
-        tokio::spawn(async move {
-            info!(product = %product, "full refresh requested");
-            let request = async_nats::Request::new()
-                .payload(product.clone().into())
-                .timeout(Some(Duration::from_secs(3600)));
-            match client
-                .send_request(medallion_bus::streams::REPLAY_SUBJECT, request)
-                .await
-            {
-                Ok(answer) => {
-                    info!(product = %product, answer = %String::from_utf8_lossy(&answer.payload), "full refresh answered")
-                }
-                Err(e) => {
-                    error!(product = %product, error = %e, "full refresh not done: is medallion-transform running? run `medallion replay` once it is")
-                }
-            }
-        });
+        start_full_refresh(self.client.clone(), d, p);
     }
+}
+
+/// Asks the transform for a full refresh of `d.p` in the background.
+pub fn start_full_refresh(client: async_nats::Client, d: &str, p: &str) {
+    let product = format!("{d}.{p}");
+    tokio::spawn(async move {
+        info!(product = %product, "full refresh requested");
+        let request = async_nats::Request::new()
+            .payload(product.clone().into())
+            .timeout(Some(Duration::from_secs(3600)));
+        match client
+            .send_request(medallion_bus::streams::REPLAY_SUBJECT, request)
+            .await
+        {
+            Ok(answer) => {
+                info!(product = %product, answer = %String::from_utf8_lossy(&answer.payload), "full refresh answered")
+            }
+            Err(e) => {
+                error!(product = %product, error = %e, "full refresh not done: is medallion-transform running? run `medallion replay` once it is")
+            }
+        }
+    });
 }
