@@ -10,6 +10,11 @@ use medallion_testkit::KillOnDrop;
 /// The path of a workspace binary, built on first use if a narrower
 /// `cargo test -p medallion-e2e` did not build it.
 pub fn binary(name: &str) -> PathBuf {
+    // A private copy of the binaries: several checkouts that share one
+    // CARGO_TARGET_DIR overwrite each other's target/debug/<name>.
+    if let Some(dir) = std::env::var_os("MEDALLION_E2E_BIN_DIR") {
+        return PathBuf::from(dir).join(name);
+    }
     let exe = std::env::current_exe().expect("test executable path");
     // target/<profile>/deps/<test> → target/<profile>/<name>
     let dir = exe.parent().and_then(Path::parent).expect("target dir");

@@ -21,6 +21,7 @@ pub mod config;
 pub mod decode;
 pub mod dedupe;
 pub mod pipeline;
+pub mod poison;
 mod service;
 
 pub use config::TransformConfig;

@@ -20,6 +20,7 @@ use tracing::{Instrument, error, info, info_span, warn};
 
 use crate::dedupe::KeySet;
 use crate::pipeline::{QualityCounts, transform};
+use crate::poison::{self, Poison};
 use crate::{APP_ID, REPLAY_SUBJECT, TransformConfig};
 use medallion_bus::registry::{SpecSource, sync_specs};
 use medallion_spec::PiiMode;
@@ -73,6 +74,7 @@ pub async fn run(config: TransformConfig, rt: Runtime) -> anyhow::Result<()> {
         rt: rt.clone(),
         pii_key: config.pii_key.clone(),
         max_rows: config.batch.messages,
+        max_deliver: config.max_deliver,
     };
     t.reload(&source).await;
     rt.health.set_started();
@@ -130,6 +132,7 @@ struct Transform {
     rt: Runtime,
     pii_key: Option<Vec<u8>>,
     max_rows: usize,
+    max_deliver: u32,
 }
 
 struct ProductState {
@@ -274,6 +277,7 @@ impl Transform {
         let latest = bronze.version().map(|v| v as i64).unwrap_or(-1);
         let pii_key = self.pii_key.clone();
         let max_rows = self.max_rows;
+        let max_deliver = self.max_deliver;
         let metrics = self.metrics.clone();
         let js = self.js.clone();
         let max_payload = medallion_bus::max_payload(&self.client);
@@ -316,6 +320,7 @@ impl Transform {
                 fast,
                 pii_key.as_deref(),
                 max_rows,
+                max_deliver,
                 &metrics,
             )
             .instrument(span.clone())
@@ -328,6 +333,7 @@ impl Transform {
                     new_keys,
                     last,
                     halt,
+                    poison,
                 }) => {
                     let links = medallion_bus::trace::continue_traces(
                         "transform.message",
@@ -341,6 +347,7 @@ impl Transform {
                         counts,
                         new_keys,
                         last,
+                        &poison,
                         &js,
                         max_payload,
                         &metrics,
@@ -421,6 +428,8 @@ enum Step {
         new_keys: HashSet<u128>,
         last: i64,
         halt: Option<String>,
+        /// Messages of versions up to `last` dead-lettered instead of transformed.
+        poison: Vec<Poison>,
     },
 }
 
@@ -433,6 +442,7 @@ async fn step(
     fast: &mut BTreeMap<i64, Vec<RecordBatch>>,
     pii_key: Option<&[u8]>,
     max_rows: usize,
+    max_deliver: u32,
     metrics: &PipelineMetrics,
 ) -> Result<Step, String> {
     let mut out_silver = Vec::new();
@@ -442,6 +452,7 @@ async fn step(
     let mut last = state.processed;
     let mut rows = 0usize;
     let mut halt = None;
+    let mut poisoned = Vec::new();
     let product = pid(&state.contract);
     let now = now_us();
     for v in (state.processed + 1)..=latest {
@@ -471,28 +482,40 @@ async fn step(
             let keys = &state.keys;
             let pend = &pending;
             // A panic on hostile input must not take the service down: the
-            // batch is reported and the product halts at this version.
-            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                transform(&contract, pii_key, b, v, keys, pend, now)
-            }));
+            // messages that crash it on their own are dead-lettered and the
+            // rest goes on; if no single message does, the product halts at
+            // this version.
+            let run = |b: &RecordBatch| {
+                poison::guarded(|| {
+                    poison::inject(b);
+                    transform(&contract, pii_key, b, v, keys, pend, now)
+                })
+            };
+            let mut r = run(b);
+            if r.is_err()
+                && let Some(iso) = poison::isolate(b, v, max_deliver, |x| run(x).map(|_| ()))
+            {
+                for p in &iso.poison {
+                    warn!(product, bronze_version = v, stream_seq = p.stream_seq, deliveries = p.deliveries, reason = %p.reason, "poison message isolated; dead-lettering it");
+                }
+                poisoned.extend(iso.poison);
+                r = run(&iso.rest);
+            }
             match r {
                 Ok(Ok(o)) => version_out.push(o),
                 Ok(Err(h)) => {
                     halt = Some(h.to_string());
                     break;
                 }
-                Err(p) => {
-                    let msg = p
-                        .downcast_ref::<String>()
-                        .cloned()
-                        .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-                        .unwrap_or_default();
+                Err(msg) => {
                     halt = Some(format!("transform crashed on bronze version {v}: {msg}"));
                     break;
                 }
             }
         }
         if halt.is_some() {
+            // Poison of this version is parked when the version commits.
+            poisoned.retain(|p: &Poison| p.bronze_version != v);
             break;
         }
         for o in version_out {
@@ -518,6 +541,7 @@ async fn step(
         new_keys: pending,
         last,
         halt,
+        poison: poisoned,
     })
 }
 
@@ -529,6 +553,7 @@ async fn commit(
     counts: QualityCounts,
     new_keys: HashSet<u128>,
     last: i64,
+    poison: &[Poison],
     js: &jetstream::Context,
     max_payload: usize,
     metrics: &PipelineMetrics,
@@ -551,6 +576,16 @@ async fn commit(
         }
     };
     let started = Instant::now();
+    // Parked before the commit that covers their version: never lost, and a
+    // retry after a crash finds them already parked.
+    let (domain, name) = (
+        state.contract.domain().to_string(),
+        state.contract.name().to_string(),
+    );
+    poison::park(js, &domain, &name, poison).await?;
+    if !poison.is_empty() {
+        failpoint::hit("transform.after_park");
+    }
     let qmode = mode(&state.quarantine);
     let smode = mode(&state.silver);
     let replaced = matches!(smode, WriteMode::Overwrite);
@@ -614,6 +649,10 @@ async fn commit(
         .deduplicated
         .with_label_values(&[&product])
         .inc_by(counts.duplicates);
+    metrics
+        .dead_lettered
+        .with_label_values(&["transform", "panic"])
+        .inc_by(poison.len() as u64);
     // Per-rule counts: a row failing two rules counts under both.
     for (name, e) in &counts.expectations {
         match e.action.as_str() {
@@ -645,6 +684,7 @@ async fn commit(
         layer = LAYER,
         rows = counts.rows_out,
         quarantined = counts.quarantined,
+        dead_lettered = poison.len(),
         version,
         bronze_version = last,
         "silver.commit"
@@ -672,7 +712,15 @@ async fn commit(
             warn!(table = %silver_ref, version, error = %e, "silver event not published; aggregate reads the commit from the table")
         }
     }
-    publish_quality(js, &state.contract, version, last, &counts).await;
+    publish_quality(
+        js,
+        &state.contract,
+        version,
+        last,
+        &counts,
+        poison.len() as u64,
+    )
+    .await;
     if state.commits_since_snapshot >= SNAPSHOT_EVERY {
         state.snapshot().await;
     }
@@ -685,7 +733,12 @@ async fn publish_quality(
     silver_version: i64,
     bronze_version: i64,
     counts: &QualityCounts,
+    dead_lettered: u64,
 ) {
+    let mut counts = serde_json::to_value(counts).unwrap_or_default();
+    // Bronze messages parked in the DLQ by this commit (their records are in
+    // no other count).
+    counts["dead_lettered"] = dead_lettered.into();
     let body = serde_json::json!({
         "product": pid(c),
         "silver_version": silver_version,
