@@ -16,6 +16,7 @@
 //! announced (lost event, crash, retention) is read from the Bronze table by
 //! the reconcile tick.
 
+mod backoff;
 pub mod cleanse;
 pub mod config;
 pub mod decode;

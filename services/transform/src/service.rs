@@ -75,6 +75,7 @@ pub async fn run(config: TransformConfig, rt: Runtime) -> anyhow::Result<()> {
         pii_key: config.pii_key.clone(),
         max_rows: config.batch.messages,
         max_deliver: config.max_deliver,
+        lake_backoff: Default::default(),
     };
     t.reload(&source).await;
     rt.health.set_started();
@@ -133,6 +134,8 @@ struct Transform {
     pii_key: Option<Vec<u8>>,
     max_rows: usize,
     max_deliver: u32,
+    /// Products whose tables failed to open or commit: retried with back-off.
+    lake_backoff: crate::backoff::Backoff<ProductId>,
 }
 
 struct ProductState {
@@ -242,16 +245,27 @@ impl Transform {
 
     async fn state(&mut self, id: &ProductId) -> Option<&mut ProductState> {
         if !self.states.contains_key(id) {
+            if !self.lake_backoff.ready(id) {
+                return None;
+            }
             let contract = self.products.contracts.get(id)?.clone();
             match open_state(&self.lake, contract).await {
                 Ok(s) => {
                     self.rt
                         .health
                         .clear_problem(&format!("lake {}.{}", id.0, id.1));
+                    self.lake_backoff.succeeded(id);
                     self.states.insert(id.clone(), s);
                 }
                 Err(e) => {
-                    error!(product = %format!("{}.{}", id.0, id.1), error = %e, "cannot open silver tables");
+                    let attempt = self.lake_backoff.failed(id.clone());
+                    let product = format!("{}.{}", id.0, id.1);
+                    // One error per outage; the retries behind it are warnings.
+                    if attempt == 1 {
+                        error!(product, attempt, error = %e, "cannot open silver tables");
+                    } else {
+                        warn!(product, attempt, error = %e, "cannot open silver tables");
+                    }
                     self.rt
                         .health
                         .set_problem(format!("lake {}.{}", id.0, id.1), e);
@@ -365,6 +379,7 @@ impl Transform {
                             warn!(product, error = %e, "silver commit failed; retrying from the table");
                             health.set_problem(format!("lake {product}"), e);
                             self.states.remove(id);
+                            self.lake_backoff.failed(id.clone());
                             return;
                         }
                     }
