@@ -157,14 +157,17 @@ async fn lands(
         })
         .await;
     }
+    let layers = if full {
+        format!(
+            "bronze {bronze}, silver {silver} (expected {MESSAGES}, {})",
+            MESSAGES * PER_MESSAGE
+        )
+    } else {
+        format!("bronze {bronze} (expected {MESSAGES}; ingest only)")
+    };
     println!(
-        "security {mode}: published {MESSAGES} messages ({} events); bronze {bronze}, silver {silver} (expected {MESSAGES}{}); landed in {:.1} s",
+        "security {mode}: published {MESSAGES} messages ({} events); {layers}; landed in {:.1} s",
         MESSAGES * PER_MESSAGE,
-        if full {
-            format!(", {}", MESSAGES * PER_MESSAGE)
-        } else {
-            String::new()
-        },
         started.elapsed().as_secs_f64()
     );
     stop_all(&mut services);

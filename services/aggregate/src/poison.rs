@@ -164,18 +164,19 @@ fn describe(row: &RecordBatch, silver_version: i64, reason: String, deliveries: 
     }
 }
 
-/// One DLQ subject per row and Gold table: `<silver version>.<row hash>`,
-/// with `-<n>` for identical rows of one version.
+/// One DLQ subject per row and Gold table: `<bronze seq>.<row hash>`, with
+/// `-<n>` for identical rows of one message. Not the Silver version: a row
+/// keeps its subject when a replay rebuilds Silver, so it is parked once.
 fn subjects(domain: &str, product: &str, table: &str, rows: &[PoisonRow]) -> Vec<String> {
     let mut seen = std::collections::HashMap::new();
     rows.iter()
         .map(|r| {
             let h = xxhash_rust::xxh3::xxh3_64(r.json.as_bytes());
-            let n = seen.entry((r.silver_version, h)).or_insert(0u32);
+            let n = seen.entry((r.bronze_seq, h)).or_insert(0u32);
             *n += 1;
             format!(
                 "medallion.dlq.aggregate.{domain}.{product}.{table}.{}.{h:016x}-{n}",
-                r.silver_version
+                r.bronze_seq
             )
         })
         .collect()
