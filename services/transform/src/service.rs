@@ -260,7 +260,8 @@ impl Transform {
                 Err(e) => {
                     let attempt = self.lake_backoff.failed(id.clone());
                     let product = format!("{}.{}", id.0, id.1);
-                    // One error per outage; the retries behind it are warnings.
+                    // The first failure in a row is an error, the retries behind
+                    // it (after a failed commit too) are warnings.
                     if attempt == 1 {
                         error!(product, attempt, error = %e, "cannot open silver tables");
                     } else {
