@@ -10,6 +10,11 @@ use medallion_testkit::KillOnDrop;
 /// The path of a workspace binary, built on first use if a narrower
 /// `cargo test -p medallion-e2e` did not build it.
 pub fn binary(name: &str) -> PathBuf {
+    // A private copy of the binaries: several checkouts that share one
+    // CARGO_TARGET_DIR overwrite each other's target/debug/<name>.
+    if let Some(dir) = std::env::var_os("MEDALLION_E2E_BIN_DIR") {
+        return PathBuf::from(dir).join(name);
+    }
     let exe = std::env::current_exe().expect("test executable path");
     // target/<profile>/deps/<test> → target/<profile>/<name>
     let dir = exe.parent().and_then(Path::parent).expect("target dir");
@@ -71,6 +76,20 @@ impl Service {
     pub fn kill(&mut self) {
         self.process.kill();
     }
+
+    /// Waits up to `timeout` for the process to exit by itself.
+    pub fn wait_exit(&mut self, timeout: std::time::Duration) -> Option<std::process::ExitStatus> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = self.process.0.try_wait() {
+                return Some(status);
+            }
+            if std::time::Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
 }
 
 /// The settings every pipeline service gets in these tests: specs from the
@@ -111,4 +130,68 @@ pub fn stop_all(services: &mut [Service]) {
             s.logs()
         );
     }
+}
+
+/// A plain HTTP/1.1 GET (enough for probes, /metrics and the catalog API):
+/// the status code and the body; `None` when nothing answers.
+pub async fn http_get(url: &str, bearer: Option<&str>) -> Option<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = url.trim_start_matches("http://");
+    let (host, path) = addr.split_once('/').unwrap_or((addr, ""));
+    let mut s = tokio::net::TcpStream::connect(host).await.ok()?;
+    let auth = bearer
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    s.write_all(
+        format!("GET /{path} HTTP/1.1\r\nHost: {host}\r\n{auth}Connection: close\r\n\r\n")
+            .as_bytes(),
+    )
+    .await
+    .ok()?;
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).await.ok()?;
+    let out = String::from_utf8_lossy(&out).to_string();
+    let status = out.split_whitespace().nth(1)?.parse().ok()?;
+    let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        dechunk(body)
+    } else {
+        body.to_string()
+    };
+    Some((status, body))
+}
+
+fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = body.split_once("\r\n") {
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
+            break;
+        };
+        if n == 0 || rest.len() < n {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        body = rest[n..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+/// Every row of `layer.domain.table` in the lake at `lake` (empty if the
+/// table does not exist or cannot be read right now).
+pub async fn read_table(lake: &Path, table: &str) -> Vec<arrow::array::RecordBatch> {
+    let lake = medallion_lake::Lake::from_location(&lake.display().to_string()).expect("lake");
+    let t = medallion_spec::TableRef::parse(table).expect("layer.domain.table");
+    match medallion_lake::open_at(&lake, &t, None).await {
+        Ok(Some(table)) => medallion_lake::read_all(&t, &table)
+            .await
+            .unwrap_or_default(),
+        _ => Vec::new(),
+    }
+}
+
+pub fn row_count(b: &[arrow::array::RecordBatch]) -> usize {
+    b.iter().map(|b| b.num_rows()).sum()
 }

@@ -26,3 +26,6 @@ pub const DLQ_SEQUENCE: &str = "Medallion-Dlq-Sequence";
 pub const DLQ_SUBJECT: &str = "Medallion-Dlq-Subject";
 pub const DLQ_REASON: &str = "Medallion-Dlq-Reason";
 pub const DLQ_DELIVERIES: &str = "Medallion-Dlq-Deliveries";
+/// The table (`layer.domain.table`) and version a stage read the message from.
+pub const DLQ_TABLE: &str = "Medallion-Dlq-Table";
+pub const DLQ_TABLE_VERSION: &str = "Medallion-Dlq-Table-Version";

@@ -18,6 +18,8 @@ pub struct AggregateConfig {
     /// Where product specs come from (re-read on change and every `reload_interval`).
     pub specs: SpecOrigin,
     pub reload_interval: Duration,
+    /// Attempts at a row that crashes the aggregation before it is dead-lettered.
+    pub max_deliver: u32,
 }
 
 impl AggregateConfig {
@@ -31,6 +33,7 @@ impl AggregateConfig {
             ack_wait: env.duration("MEDALLION_ACK_WAIT"),
             specs: SpecOrigin::from_env(env),
             reload_interval: env.duration("MEDALLION_RELOAD_INTERVAL"),
+            max_deliver: env.usize("MEDALLION_MAX_DELIVER", 1).min(u32::MAX as usize) as u32,
         }
     }
 }

@@ -12,6 +12,7 @@
 //! replay) triggers a full refresh of Gold from Silver.
 
 pub mod config;
+pub mod poison;
 mod service;
 pub mod state;
 

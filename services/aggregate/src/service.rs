@@ -20,6 +20,7 @@ use medallion_spec::products::{ProductId, Products};
 use medallion_spec::{Contract, TableRef};
 use tracing::{Instrument, info, info_span, warn};
 
+use crate::poison;
 use crate::state::{BUCKETS, GoldState, bucket_of};
 use crate::{APP_ID, AggregateConfig};
 
@@ -59,6 +60,7 @@ pub async fn run(config: AggregateConfig, rt: Runtime) -> anyhow::Result<()> {
         states: HashMap::new(),
         metrics,
         rt: rt.clone(),
+        max_deliver: config.max_deliver,
     };
     a.reload(&source).await;
     rt.health.set_started();
@@ -105,6 +107,7 @@ struct Aggregate {
     states: HashMap<ProductId, Vec<GoldTable>>,
     metrics: PipelineMetrics,
     rt: Runtime,
+    max_deliver: u32,
 }
 
 /// One Gold table: its writer, its in-memory groups, and which data file
@@ -188,6 +191,7 @@ impl Aggregate {
         if !self.open(id).await {
             return;
         }
+        let max_deliver = self.max_deliver;
         let (js, max_payload, metrics, lake) = (
             self.js.clone(),
             self.max_payload,
@@ -222,8 +226,8 @@ impl Aggregate {
                     &js,
                     max_payload,
                     &metrics,
-                    &product,
                     &links,
+                    (id, max_deliver),
                 )
                 .instrument(span)
                 .await
@@ -259,11 +263,13 @@ async fn advance(
     js: &jetstream::Context,
     max_payload: usize,
     metrics: &PipelineMetrics,
-    product: &str,
     links: &[String],
+    (product, max_deliver): (&ProductId, u32),
 ) -> Result<(), String> {
     let started = Instant::now();
     let mut rows = Vec::new();
+    // Silver version of each batch in `rows` (for dead-letter positions).
+    let mut versions = Vec::new();
     let mut last = t.processed;
     let mut refresh = t.rebuild;
     if refresh {
@@ -291,12 +297,14 @@ async fn advance(
             },
         };
         n += batches.iter().map(|b| b.num_rows()).sum::<usize>();
+        versions.extend(std::iter::repeat_n(v, batches.len()));
         rows.extend(batches);
         last = v;
         if n >= 200_000 {
             break;
         }
     }
+    let poisoned;
     let (mode, buckets, touched) = if refresh {
         let table = medallion_lake::open_at(lake, silver_ref, Some(last))
             .await
@@ -306,7 +314,11 @@ async fn advance(
             .await
             .map_err(|e| e.to_string())?;
         t.state.clear();
-        let partials = t.state.partials(&all).await.map_err(|e| e.to_string())?;
+        // Rows of a rebuilt Silver are not tied to one version: the version
+        // the rebuild reads is their position.
+        let all_versions = vec![last; all.len()];
+        let (partials, p) = poison::partials(&t.state, &all, &all_versions, max_deliver).await?;
+        poisoned = p;
         let (_, touched) = t.state.merge(&partials);
         info!(table = %t.writer.table_ref(), silver_version = last, "silver was rebuilt: full refresh of gold");
         (
@@ -315,7 +327,8 @@ async fn advance(
             touched,
         )
     } else {
-        let partials = t.state.partials(&rows).await.map_err(|e| e.to_string())?;
+        let (partials, p) = poison::partials(&t.state, &rows, &versions, max_deliver).await?;
+        poisoned = p;
         let (buckets, touched) = t.state.merge(&partials);
         let removes = buckets
             .iter()
@@ -329,7 +342,7 @@ async fn advance(
         .record("rows", touched.len());
     let commit_span = info_span!(
         "gold.commit",
-        product,
+        product = %format!("{}.{}", product.0, product.1),
         layer = LAYER,
         table = %t.writer.table_ref(),
         rows = touched.len(),
@@ -350,6 +363,7 @@ async fn advance(
         metrics,
         links,
         &merge_span,
+        (product, poisoned),
     )
     .instrument(commit_span)
     .await
@@ -371,11 +385,24 @@ async fn commit_gold(
     metrics: &PipelineMetrics,
     links: &[String],
     merge_span: &tracing::Span,
+    (product, poisoned): (&ProductId, Vec<poison::PoisonRow>),
 ) -> Result<(), String> {
     let groups: Vec<Vec<RecordBatch>> = buckets
         .iter()
         .map(|b| vec![t.state.bucket_rows(*b)])
         .collect();
+    // Parked before the Gold commit that covers their Silver versions.
+    let tname = t.writer.table_ref().name.clone();
+    for p in &poisoned {
+        warn!(product = %format!("{}.{}", product.0, product.1), table = %tname, silver_version = p.silver_version, bronze_seq = p.bronze_seq, deliveries = p.deliveries, reason = %p.reason, "poison row isolated; dead-lettering it");
+    }
+    // On an error the merge above has already changed the in-memory groups:
+    // the caller drops them and reopens the table rather than commit
+    // without the DLQ.
+    poison::park(js, &product.0, &product.1, &tname, &poisoned).await?;
+    if !poisoned.is_empty() {
+        failpoint::hit("aggregate.after_park");
+    }
     failpoint::hit("aggregate.before_commit");
     let outcome = t
         .writer
@@ -411,6 +438,10 @@ async fn commit_gold(
         .with_label_values(&[LAYER, &tref.name])
         .inc_by(touched.len() as u64);
     metrics.committed(&tref.sql_name(), version);
+    metrics
+        .dead_lettered
+        .with_label_values(&["aggregate", "panic"])
+        .inc_by(poisoned.len() as u64);
     if !refresh {
         for b in rows {
             if let Some(at) = medallion_spec::ingested_at_micros(b) {

@@ -35,6 +35,7 @@ pub struct AppState {
     pub client: async_nats::Client,
     pub health: medallion_runtime::Health,
     pub quality: crate::quality::Quality,
+    pub dead_letters: crate::dead_letters::DeadLetterMap,
     pub verifier: Verifier,
     pub audit: Audit,
     pub row_limit: usize,
@@ -197,6 +198,9 @@ async fn add_quality(s: &AppState, contract: &Contract, summary: &mut Value) {
     let key = format!("{}.{}", contract.domain(), contract.name());
     if let Some(q) = s.quality.read().await.get(&key) {
         summary["quality"] = serde_json::to_value(q).unwrap_or(Value::Null);
+    }
+    if let Some(d) = s.dead_letters.read().await.get(&key) {
+        summary["dead_letters"] = serde_json::to_value(d).unwrap_or(Value::Null);
     }
 }
 

@@ -11,6 +11,7 @@ mod api;
 pub mod audit;
 pub mod auth;
 pub mod config;
+pub mod dead_letters;
 pub mod kube;
 pub mod openlineage;
 pub mod quality;

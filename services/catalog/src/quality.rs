@@ -26,6 +26,9 @@ struct Counts {
     dropped: u64,
     duplicates: u64,
     invalid: u64,
+    /// Bronze messages the transform dead-lettered (absent in older events).
+    #[serde(default)]
+    dead_lettered: u64,
     #[serde(default)]
     expectations: BTreeMap<String, ExpectationTotals>,
 }
@@ -48,6 +51,7 @@ pub struct QualityTotals {
     pub dropped: u64,
     pub duplicates: u64,
     pub invalid: u64,
+    pub dead_lettered: u64,
     pub expectations: BTreeMap<String, ExpectationTotals>,
     pub last_batch_at: Option<String>,
     pub last_silver_version: Option<i64>,
@@ -63,6 +67,7 @@ impl QualityTotals {
         self.dropped += c.dropped;
         self.duplicates += c.duplicates;
         self.invalid += c.invalid;
+        self.dead_lettered += c.dead_lettered;
         for (name, x) in c.expectations {
             let t = self.expectations.entry(name).or_default();
             t.action = x.action;

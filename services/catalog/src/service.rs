@@ -40,6 +40,7 @@ pub async fn run(config: CatalogConfig, rt: Runtime) -> anyhow::Result<()> {
         client: client.clone(),
         health: rt.health.clone(),
         quality: crate::quality::follow(js.clone()),
+        dead_letters: crate::dead_letters::follow(js.clone()),
         verifier,
         audit: Audit::new(js),
         row_limit: config.row_limit,

@@ -21,6 +21,8 @@ pub struct TransformConfig {
     /// How often specs are re-read and Bronze tables checked for versions no
     /// event announced (the safety net under the event fast path).
     pub reload_interval: Duration,
+    /// Attempts at a message that crashes the transform before it is dead-lettered.
+    pub max_deliver: u32,
 }
 
 impl TransformConfig {
@@ -44,6 +46,7 @@ impl TransformConfig {
             specs: SpecOrigin::from_env(env),
             pii_key,
             reload_interval: env.duration("MEDALLION_RELOAD_INTERVAL"),
+            max_deliver: env.usize("MEDALLION_MAX_DELIVER", 1).min(u32::MAX as usize) as u32,
         }
     }
 }

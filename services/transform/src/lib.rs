@@ -16,11 +16,13 @@
 //! announced (lost event, crash, retention) is read from the Bronze table by
 //! the reconcile tick.
 
+mod backoff;
 pub mod cleanse;
 pub mod config;
 pub mod decode;
 pub mod dedupe;
 pub mod pipeline;
+pub mod poison;
 mod service;
 
 pub use config::TransformConfig;

@@ -20,6 +20,7 @@ use tracing::{Instrument, error, info, info_span, warn};
 
 use crate::dedupe::{KeyHashSet, KeySet};
 use crate::pipeline::{Output, QualityCounts, drop_keys_seen, slices, transform};
+use crate::poison::{self, Poison};
 use crate::{APP_ID, REPLAY_SUBJECT, TransformConfig};
 use medallion_bus::registry::{SpecSource, sync_specs};
 use medallion_spec::PiiMode;
@@ -73,6 +74,8 @@ pub async fn run(config: TransformConfig, rt: Runtime) -> anyhow::Result<()> {
         rt: rt.clone(),
         pii_key: config.pii_key.clone(),
         max_rows: config.batch.messages,
+        max_deliver: config.max_deliver,
+        lake_backoff: Default::default(),
     };
     t.reload(&source).await;
     rt.health.set_started();
@@ -132,6 +135,9 @@ struct Transform {
     rt: Runtime,
     pii_key: Option<Vec<u8>>,
     max_rows: usize,
+    max_deliver: u32,
+    /// Products whose tables failed to open or commit: retried with back-off.
+    lake_backoff: crate::backoff::Backoff<ProductId>,
 }
 
 struct ProductState {
@@ -241,16 +247,28 @@ impl Transform {
 
     async fn state(&mut self, id: &ProductId) -> Option<&mut ProductState> {
         if !self.states.contains_key(id) {
+            if !self.lake_backoff.ready(id) {
+                return None;
+            }
             let contract = self.products.contracts.get(id)?.clone();
             match open_state(&self.lake, contract).await {
                 Ok(s) => {
                     self.rt
                         .health
                         .clear_problem(&format!("lake {}.{}", id.0, id.1));
+                    self.lake_backoff.succeeded(id);
                     self.states.insert(id.clone(), s);
                 }
                 Err(e) => {
-                    error!(product = %format!("{}.{}", id.0, id.1), error = %e, "cannot open silver tables");
+                    let attempt = self.lake_backoff.failed(id.clone());
+                    let product = format!("{}.{}", id.0, id.1);
+                    // The first failure in a row is an error, the retries behind
+                    // it (after a failed commit too) are warnings.
+                    if attempt == 1 {
+                        error!(product, attempt, error = %e, "cannot open silver tables");
+                    } else {
+                        warn!(product, attempt, error = %e, "cannot open silver tables");
+                    }
                     self.rt
                         .health
                         .set_problem(format!("lake {}.{}", id.0, id.1), e);
@@ -276,6 +294,7 @@ impl Transform {
         let latest = bronze.version().map(|v| v as i64).unwrap_or(-1);
         let pii_key = self.pii_key.clone();
         let max_rows = self.max_rows;
+        let max_deliver = self.max_deliver;
         let metrics = self.metrics.clone();
         let js = self.js.clone();
         let max_payload = medallion_bus::max_payload(&self.client);
@@ -318,6 +337,7 @@ impl Transform {
                 fast,
                 pii_key.as_deref(),
                 max_rows,
+                max_deliver,
                 &metrics,
             )
             .instrument(span.clone())
@@ -330,6 +350,7 @@ impl Transform {
                     new_keys,
                     last,
                     halt,
+                    poison,
                 }) => {
                     let links = medallion_bus::trace::continue_traces(
                         "transform.message",
@@ -354,6 +375,7 @@ impl Transform {
                         counts,
                         new_keys,
                         last,
+                        &poison,
                         &js,
                         max_payload,
                         &metrics,
@@ -371,6 +393,7 @@ impl Transform {
                             warn!(product, error = %e, "silver commit failed; retrying from the table");
                             health.set_problem(format!("lake {product}"), e);
                             self.states.remove(id);
+                            self.lake_backoff.failed(id.clone());
                             return;
                         }
                     }
@@ -434,6 +457,8 @@ enum Step {
         new_keys: KeyHashSet,
         last: i64,
         halt: Option<String>,
+        /// Messages of versions up to `last` dead-lettered instead of transformed.
+        poison: Vec<Poison>,
     },
 }
 
@@ -449,6 +474,7 @@ async fn step(
     fast: &mut BTreeMap<i64, Vec<RecordBatch>>,
     pii_key: Option<&[u8]>,
     max_rows: usize,
+    max_deliver: u32,
     metrics: &PipelineMetrics,
 ) -> Result<Step, String> {
     let product = pid(&state.contract);
@@ -495,7 +521,14 @@ async fn step(
         }
     }
 
-    let outputs = transform_parallel(&state.contract, pii_key, &state.keys, &inputs, now_us());
+    let outputs = transform_parallel(
+        &state.contract,
+        pii_key,
+        &state.keys,
+        &inputs,
+        now_us(),
+        max_deliver,
+    );
 
     // Fold in Bronze order; keys of earlier batches of this step count as seen
     // (first occurrence wins), and a version with a halt ends the step before it.
@@ -505,10 +538,16 @@ async fn step(
     let mut pending = KeyHashSet::default();
     let mut last = state.processed;
     let mut halt = None;
+    let mut poisoned = Vec::new();
     let mut outputs = inputs.iter().map(|(v, _)| *v).zip(outputs).peekable();
     for v in versions {
         let mut version_out = Vec::new();
-        while let Some((_, r)) = outputs.next_if(|(ov, _)| *ov == v) {
+        let mut version_poison = Vec::new();
+        while let Some((_, (r, p))) = outputs.next_if(|(ov, _)| *ov == v) {
+            for x in &p {
+                warn!(product, bronze_version = v, stream_seq = x.stream_seq, deliveries = x.deliveries, reason = %x.reason, "poison message isolated; dead-lettering it");
+            }
+            version_poison.extend(p);
             match r {
                 Ok(o) => version_out.push(o),
                 Err(h) => {
@@ -517,8 +556,10 @@ async fn step(
             }
         }
         if halt.is_some() {
+            // Poison of this version is parked when the version commits.
             break;
         }
+        poisoned.extend(version_poison);
         for mut o in version_out {
             drop_keys_seen(&mut o, &pending);
             pending.extend(o.new_keys.iter().copied());
@@ -538,36 +579,50 @@ async fn step(
         new_keys: pending,
         last,
         halt,
+        poison: poisoned,
     })
 }
+
+/// What one slice of Bronze gave: its output (or the halt it hit), and the
+/// messages that crash the transform by themselves, taken out of it.
+type SliceResult = (Result<Output, String>, Vec<Poison>);
 
 /// Transforms the batches on every core. Each batch is independent given the
 /// committed key set; cross-batch duplicates within the step are removed
 /// afterwards by [`drop_keys_seen`], in Bronze order. A panic on hostile input
-/// must not take the service down: it becomes a halt at that version.
+/// must not take the service down: the messages that crash it on their own
+/// are taken out for the dead-letter stream and the rest goes on; if no
+/// single message does, the product halts at that version.
 fn transform_parallel(
     contract: &Arc<Contract>,
     pii_key: Option<&[u8]>,
     keys: &KeySet,
     inputs: &[(i64, RecordBatch)],
     now: i64,
-) -> Vec<Result<Output, String>> {
-    let one = |(v, b): &(i64, RecordBatch)| -> Result<Output, String> {
+    max_deliver: u32,
+) -> Vec<SliceResult> {
+    let one = |(v, b): &(i64, RecordBatch)| -> SliceResult {
         let none = KeyHashSet::default();
-        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            transform(contract, pii_key, b, *v, keys, &none, now)
-        })) {
+        let run = |b: &RecordBatch| {
+            poison::guarded(|| {
+                poison::inject(b);
+                transform(contract, pii_key, b, *v, keys, &none, now)
+            })
+        };
+        let mut r = run(b);
+        let mut poisoned = Vec::new();
+        if r.is_err()
+            && let Some(iso) = poison::isolate(b, *v, max_deliver, |x| run(x).map(|_| ()))
+        {
+            poisoned = iso.poison;
+            r = run(&iso.rest);
+        }
+        let r = match r {
             Ok(Ok(o)) => Ok(o),
             Ok(Err(h)) => Err(h.to_string()),
-            Err(p) => {
-                let msg = p
-                    .downcast_ref::<String>()
-                    .cloned()
-                    .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-                    .unwrap_or_default();
-                Err(format!("transform crashed on bronze version {v}: {msg}"))
-            }
-        }
+            Err(msg) => Err(format!("transform crashed on bronze version {v}: {msg}")),
+        };
+        (r, poisoned)
     };
     let workers = std::thread::available_parallelism()
         .map(|n| n.get())
@@ -577,9 +632,8 @@ fn transform_parallel(
         return inputs.iter().map(one).collect();
     }
     let next = std::sync::atomic::AtomicUsize::new(0);
-    let mut results: Vec<Option<Result<Output, String>>> =
-        (0..inputs.len()).map(|_| None).collect();
-    let done: Vec<Vec<(usize, Result<Output, String>)>> = std::thread::scope(|s| {
+    let mut results: Vec<Option<SliceResult>> = (0..inputs.len()).map(|_| None).collect();
+    let done: Vec<Vec<(usize, SliceResult)>> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..workers)
             .map(|_| {
                 s.spawn(|| {
@@ -617,6 +671,7 @@ async fn commit(
     counts: QualityCounts,
     new_keys: KeyHashSet,
     last: i64,
+    poison: &[Poison],
     js: &jetstream::Context,
     max_payload: usize,
     metrics: &PipelineMetrics,
@@ -639,6 +694,16 @@ async fn commit(
         }
     };
     let started = Instant::now();
+    // Parked before the commit that covers their version: never lost, and a
+    // retry after a crash finds them already parked.
+    let (domain, name) = (
+        state.contract.domain().to_string(),
+        state.contract.name().to_string(),
+    );
+    poison::park(js, &domain, &name, poison).await?;
+    if !poison.is_empty() {
+        failpoint::hit("transform.after_park");
+    }
     let qmode = mode(&state.quarantine);
     let smode = mode(&state.silver);
     let replaced = matches!(smode, WriteMode::Overwrite);
@@ -702,6 +767,10 @@ async fn commit(
         .deduplicated
         .with_label_values(&[&product])
         .inc_by(counts.duplicates);
+    metrics
+        .dead_lettered
+        .with_label_values(&["transform", "panic"])
+        .inc_by(poison.len() as u64);
     // Per-rule counts: a row failing two rules counts under both.
     for (name, e) in &counts.expectations {
         match e.action.as_str() {
@@ -734,6 +803,7 @@ async fn commit(
         layer = LAYER,
         rows = counts.rows_out,
         quarantined = counts.quarantined,
+        dead_lettered = poison.len(),
         version,
         bronze_version = last,
         "silver committed"
@@ -761,7 +831,15 @@ async fn commit(
             warn!(table = %silver_ref, version, error = %e, "silver event not published; aggregate reads the commit from the table")
         }
     }
-    publish_quality(js, &state.contract, version, last, &counts).await;
+    publish_quality(
+        js,
+        &state.contract,
+        version,
+        last,
+        &counts,
+        poison.len() as u64,
+    )
+    .await;
     if state.commits_since_snapshot >= SNAPSHOT_EVERY {
         state.snapshot().await;
     }
@@ -774,7 +852,12 @@ async fn publish_quality(
     silver_version: i64,
     bronze_version: i64,
     counts: &QualityCounts,
+    dead_lettered: u64,
 ) {
+    let mut counts = serde_json::to_value(counts).unwrap_or_default();
+    // Bronze messages parked in the DLQ by this commit (their records are in
+    // no other count).
+    counts["dead_lettered"] = dead_lettered.into();
     let body = serde_json::json!({
         "product": pid(c),
         "silver_version": silver_version,
