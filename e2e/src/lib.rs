@@ -132,6 +132,37 @@ pub fn stop_all(services: &mut [Service]) {
     }
 }
 
+/// Starts each service with its settings, then connects to NATS and waits
+/// until the services have declared the streams.
+pub async fn start_services(
+    names: &[&'static str],
+    vars: &[BTreeMap<String, String>],
+    logs: &Path,
+    nats_url: String,
+) -> (Vec<Service>, async_nats::jetstream::Context) {
+    let services = names
+        .iter()
+        .zip(vars)
+        .map(|(n, v)| Service::start(n, v, logs))
+        .collect();
+    let client = async_nats::ConnectOptions::new()
+        .retry_on_initial_connect()
+        .connect(nats_url)
+        .await
+        .expect("connect to NATS");
+    let js = async_nats::jetstream::new(client);
+    medallion_testkit::eventually(
+        std::time::Duration::from_secs(60),
+        "streams declared",
+        || {
+            let js = js.clone();
+            async move { js.get_stream("MEDALLION_INGEST").await.is_ok() }
+        },
+    )
+    .await;
+    (services, js)
+}
+
 /// A plain HTTP/1.1 GET (enough for probes, /metrics and the catalog API):
 /// the status code and the body; `None` when nothing answers.
 pub async fn http_get(url: &str, bearer: Option<&str>) -> Option<(u16, String)> {

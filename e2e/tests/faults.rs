@@ -16,7 +16,15 @@ use arrow::datatypes::Int64Type;
 use medallion_e2e::{Service, pipeline_vars, stop_all};
 use medallion_testkit::{NatsServer, eventually};
 
-const EVENTS: usize = 20_000;
+/// `MEDALLION_E2E_LONG=1` runs the long variant: 200,000 events and 20
+/// SIGKILLs (each service in turn, then at random) instead of 20,000 and 6.
+fn long() -> bool {
+    std::env::var("MEDALLION_E2E_LONG").is_ok_and(|v| v == "1")
+}
+
+fn events() -> usize {
+    if long() { 200_000 } else { 20_000 }
+}
 const PER_MESSAGE: usize = 10;
 
 fn event(i: usize) -> (String, f64, &'static str) {
@@ -87,7 +95,7 @@ fn produce(url: String) -> tokio::task::JoinHandle<()> {
             .await
             .unwrap();
         let js = async_nats::jetstream::new(client);
-        let messages = EVENTS / PER_MESSAGE;
+        let messages = events() / PER_MESSAGE;
         for pass in 0..2 {
             for m in 0..messages {
                 let mut h = async_nats::HeaderMap::new();
@@ -133,19 +141,50 @@ async fn kill_9_each_service_while_producers_resend_everything() {
         .collect();
     let producer = produce(nats.url());
 
-    // SIGKILL each service in turn, twice, while the producer runs.
+    // SIGKILL each service in turn, then (long variant) at random, while the
+    // producer runs.
+    let wanted = if long() { 20 } else { 6 };
+    let started = std::time::Instant::now();
+    let mut seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos() as u64
+        | 1;
+    eprintln!("kill order seed {seed}");
     let mut kills = 0;
-    for round in 0..6 {
+    for round in 0..wanted {
         tokio::time::sleep(Duration::from_millis(1200)).await;
-        let i = round % 3;
+        let i = if round < 6 {
+            round % 3
+        } else {
+            // xorshift: a different order each run (the seed is printed).
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed % 3) as usize
+        };
+        eprintln!(
+            "kill -9 {} at {:.1}s",
+            names[i],
+            started.elapsed().as_secs_f64()
+        );
         services[i].kill();
         kills += 1;
         tokio::time::sleep(Duration::from_millis(300)).await;
         services[i] = Service::start(names[i], &vars[i], logs.path());
     }
     producer.await.unwrap();
-    assert_eq!(kills, 6);
+    let published = started.elapsed();
+    assert_eq!(kills, wanted);
     check_exact(lake.path()).await;
+    eprintln!(
+        "{} events ({} messages, every one sent twice), {kills} SIGKILLs: published in {:.1}s, \
+         every layer exact {:.1}s after the last publish",
+        events(),
+        events() / PER_MESSAGE,
+        published.as_secs_f64(),
+        (started.elapsed() - published).as_secs_f64()
+    );
     stop_all(&mut services);
 }
 
@@ -181,10 +220,10 @@ async fn nats_restart_and_a_paused_transform_lose_and_duplicate_nothing() {
 /// Bronze = every message once, Silver = every event once, no quarantine,
 /// Gold = the aggregate of the input.
 async fn check_exact(lake: &std::path::Path) {
-    let messages = EVENTS / PER_MESSAGE;
+    let messages = events() / PER_MESSAGE;
     // Independent expectation, from the input.
     let mut want_gold: BTreeMap<&str, (i64, f64)> = BTreeMap::new();
-    for i in 0..EVENTS {
+    for i in 0..events() {
         let (_, amount, country) = event(i);
         let g = want_gold.entry(country).or_default();
         g.0 += 1;
@@ -205,7 +244,7 @@ async fn check_exact(lake: &std::path::Path) {
                         .sum::<i64>()
                 })
                 .sum::<i64>()
-                == EVENTS as i64
+                == events() as i64
         },
     )
     .await;
@@ -230,7 +269,7 @@ async fn check_exact(lake: &std::path::Path) {
             );
         }
     }
-    assert_eq!(ids.len(), EVENTS, "silver: each event exactly once");
+    assert_eq!(ids.len(), events(), "silver: each event exactly once");
     assert_eq!(
         rows(&table(lake, "silver", "payments__quarantine").await),
         0

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use arrow::array::{Array, AsArray};
 use arrow::datatypes::Int64Type;
-use medallion_e2e::{Service, http_get, pipeline_vars, read_table, row_count, stop_all};
+use medallion_e2e::{http_get, pipeline_vars, read_table, row_count, stop_all};
 use medallion_testkit::{NatsServer, eventually};
 
 const MESSAGES: usize = 600;
@@ -141,22 +141,8 @@ async fn an_unwritable_lake_delays_but_loses_and_duplicates_nothing() {
     .collect();
     let ingest_addr = vars[0]["MEDALLION_INGEST_ADDR"].clone();
     let transform_addr = vars[1]["MEDALLION_TRANSFORM_ADDR"].clone();
-    let mut services: Vec<Service> = names
-        .iter()
-        .zip(&vars)
-        .map(|(n, v)| Service::start(n, v, logs.path()))
-        .collect();
-    let client = async_nats::ConnectOptions::new()
-        .retry_on_initial_connect()
-        .connect(nats.url())
-        .await
-        .unwrap();
-    let js = async_nats::jetstream::new(client);
-    eventually(Duration::from_secs(60), "streams declared", || {
-        let js = js.clone();
-        async move { js.get_stream("MEDALLION_INGEST").await.is_ok() }
-    })
-    .await;
+    let (mut services, js) =
+        medallion_e2e::start_services(&names, &vars, logs.path(), nats.url()).await;
 
     // Wave 1 with a healthy lake.
     produce(js.clone(), 0).await.unwrap();

@@ -184,22 +184,8 @@ async fn poison_messages_are_dead_lettered_once_and_the_rest_flows() {
     .collect();
     all_vars[3].insert("MEDALLION_JWT_SECRET".into(), JWT_SECRET.into());
     all_vars[3].remove("MEDALLION_FAIL_POINTS");
-    let mut services: Vec<Service> = names
-        .iter()
-        .zip(&all_vars)
-        .map(|(n, v)| Service::start(n, v, logs.path()))
-        .collect();
-    let client = async_nats::ConnectOptions::new()
-        .retry_on_initial_connect()
-        .connect(nats.url())
-        .await
-        .unwrap();
-    let js = async_nats::jetstream::new(client);
-    eventually(Duration::from_secs(60), "streams declared", || {
-        let js = js.clone();
-        async move { js.get_stream("MEDALLION_INGEST").await.is_ok() }
-    })
-    .await;
+    let (mut services, js) =
+        medallion_e2e::start_services(&names, &all_vars, logs.path(), nats.url()).await;
 
     let publish = |wave: usize, poisons: usize| {
         let js = js.clone();

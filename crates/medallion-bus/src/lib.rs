@@ -5,6 +5,7 @@ pub mod batching;
 pub mod codec;
 pub mod connect;
 pub mod consumer;
+pub mod dlq;
 mod error;
 pub mod event;
 pub mod headers;

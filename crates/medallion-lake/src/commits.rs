@@ -37,16 +37,10 @@ pub async fn read_commit(
     table: &DeltaTable,
     version: i64,
 ) -> Result<Option<CommitRows>, LakeError> {
-    let log_store = table.log_store();
-    let Some(bytes) = log_store
-        .read_commit_entry(version as u64)
-        .await
-        .map_err(|e| LakeError::delta(tref, e))?
-    else {
+    let Some(actions) = commit_actions(tref, table, version).await? else {
         return Ok(None);
     };
-    let actions = get_actions(version as u64, &bytes).map_err(|e| LakeError::delta(tref, e))?;
-    let store = log_store.object_store(None);
+    let store = table.log_store().object_store(None);
     let schema = crate::writer::table_schema(tref, table)?;
     let mut rows = CommitRows {
         version,
@@ -78,6 +72,21 @@ pub async fn commit_metadata(
     table: &DeltaTable,
     version: i64,
 ) -> Result<Option<std::collections::HashMap<String, serde_json::Value>>, LakeError> {
+    let Some(actions) = commit_actions(tref, table, version).await? else {
+        return Ok(None);
+    };
+    Ok(actions.into_iter().find_map(|a| match a {
+        Action::CommitInfo(ci) => Some(ci.info),
+        _ => None,
+    }))
+}
+
+/// The actions of the log entry of `version`; `None` if it is gone.
+async fn commit_actions(
+    tref: &TableRef,
+    table: &DeltaTable,
+    version: i64,
+) -> Result<Option<Vec<Action>>, LakeError> {
     let Some(bytes) = table
         .log_store()
         .read_commit_entry(version as u64)
@@ -86,11 +95,9 @@ pub async fn commit_metadata(
     else {
         return Ok(None);
     };
-    let actions = get_actions(version as u64, &bytes).map_err(|e| LakeError::delta(tref, e))?;
-    Ok(actions.into_iter().find_map(|a| match a {
-        Action::CommitInfo(ci) => Some(ci.info),
-        _ => None,
-    }))
+    get_actions(version as u64, &bytes)
+        .map(Some)
+        .map_err(|e| LakeError::delta(tref, e))
 }
 
 /// Every row of the table at its loaded version.

@@ -13,8 +13,6 @@ use std::panic::AssertUnwindSafe;
 use arrow::array::{Array, AsArray, RecordBatch};
 use arrow::datatypes::{DataType, Int64Type};
 use async_nats::jetstream;
-use async_nats::jetstream::context::PublishErrorKind;
-use async_nats::jetstream::message::PublishMessage;
 use futures::FutureExt;
 use medallion_bus::headers;
 use medallion_bus::streams::INGEST_STREAM;
@@ -195,18 +193,7 @@ pub async fn park(
         return Ok(());
     }
     for (r, subject) in rows.iter().zip(subjects(domain, product, table, rows)) {
-        let reason: String = r
-            .reason
-            .chars()
-            .map(|c| {
-                if c.is_ascii_graphic() || c == ' ' {
-                    c
-                } else {
-                    ' '
-                }
-            })
-            .take(1000)
-            .collect();
+        let reason = medallion_bus::dlq::one_line(&r.reason);
         let mut h = async_nats::HeaderMap::new();
         h.insert(headers::DLQ_STREAM, INGEST_STREAM);
         h.insert(headers::DLQ_SEQUENCE, r.bronze_seq.to_string().as_str());
@@ -225,24 +212,7 @@ pub async fn park(
         h.insert(headers::DLQ_REASON, reason.as_str());
         h.insert(headers::DLQ_DELIVERIES, r.deliveries.to_string().as_str());
         h.insert("Content-Type", "application/json");
-        // Only if the subject is still empty: atomic on the server, so a
-        // re-park after a crash is refused however long ago the first was.
-        let msg = PublishMessage::build()
-            .payload(r.json.clone().into())
-            .headers(h)
-            .expected_last_subject_sequence(0);
-        let ack = js
-            .send_publish(subject.clone(), msg)
-            .await
-            .map_err(|e| format!("cannot dead-letter to {subject}: {e}"))?
-            .await;
-        match ack {
-            Ok(_) => {}
-            Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => {
-                tracing::info!(subject = %subject, "dead letter already parked; not parking it again");
-            }
-            Err(e) => return Err(format!("cannot dead-letter to {subject}: {e}")),
-        }
+        medallion_bus::dlq::park_once(js, subject, h, r.json.clone().into()).await?;
     }
     Ok(())
 }

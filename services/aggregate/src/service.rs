@@ -341,6 +341,7 @@ async fn advance(
         .record("silver_rows", n)
         .record("rows", touched.len());
     let commit_span = info_span!(
+        parent: &merge_span,
         "gold.commit",
         product = %format!("{}.{}", product.0, product.1),
         layer = LAYER,

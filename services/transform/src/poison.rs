@@ -19,8 +19,7 @@ use arrow::array::{Array, AsArray, BooleanArray, RecordBatch};
 use arrow::compute::filter_record_batch;
 use arrow::datatypes::Int64Type;
 use async_nats::jetstream;
-use async_nats::jetstream::context::PublishErrorKind;
-use async_nats::jetstream::message::PublishMessage;
+use medallion_bus::dlq::one_line;
 use medallion_bus::headers;
 use medallion_bus::streams::INGEST_STREAM;
 use medallion_runtime::failpoint;
@@ -209,41 +208,11 @@ pub async fn park(
         );
         h.insert(headers::DLQ_REASON, one_line(&p.reason).as_str());
         h.insert(headers::DLQ_DELIVERIES, p.deliveries.to_string().as_str());
-        // Only if the subject is still empty: atomic on the server, so a
-        // re-park after a crash is refused however long ago the first was.
-        let msg = PublishMessage::build()
-            .payload(p.payload.clone().into())
-            .headers(h)
-            .expected_last_subject_sequence(0);
-        let ack = js
-            .send_publish(subject.clone(), msg)
-            .await
-            .map_err(|e| format!("cannot dead-letter to {subject}: {e}"))?
-            .await;
-        match ack {
-            Ok(_) => parked += 1,
-            Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => {
-                tracing::info!(subject = %subject, "dead letter already parked; not parking it again");
-            }
-            Err(e) => return Err(format!("cannot dead-letter to {subject}: {e}")),
+        if medallion_bus::dlq::park_once(js, subject, h, p.payload.clone().into()).await? {
+            parked += 1;
         }
-        parked += 1;
     }
     Ok(parked)
-}
-
-/// Header values are one line of printable ASCII.
-pub fn one_line(s: &str) -> String {
-    s.chars()
-        .map(|c| {
-            if c.is_ascii_graphic() || c == ' ' {
-                c
-            } else {
-                ' '
-            }
-        })
-        .take(1000)
-        .collect()
 }
 
 #[cfg(test)]

@@ -384,7 +384,10 @@ impl Transform {
                     .instrument(commit_span)
                     .await
                     {
-                        Ok(()) => health.clear_problem(&format!("lake {product}")),
+                        Ok(()) => {
+                            span.record("version", state.silver.version());
+                            health.clear_problem(&format!("lake {product}"));
+                        }
                         Err(e) => {
                             metrics
                                 .errors

@@ -1,21 +1,17 @@
 //! Golden tests: spec + raw messages → expected Silver rows, quarantine rows
 //! and quality counts. One YAML fixture per case in `tests/golden/`.
 
-mod common;
-use common::bronze;
 use std::path::PathBuf;
-use std::sync::Arc;
 
-use arrow::array::{
-    BinaryArray, Int64Array, MapBuilder, RecordBatch, StringArray, StringBuilder,
-    TimestampMicrosecondArray,
-};
+use arrow::array::RecordBatch;
 use medallion_spec::Contract;
-use medallion_spec::layout::bronze_schema;
 use medallion_transform::dedupe::KeySet;
 use medallion_transform::pipeline::transform;
 use rstest::rstest;
 use serde_json::Value;
+
+mod common;
+use common::bronze;
 
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]

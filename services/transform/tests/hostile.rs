@@ -1,18 +1,13 @@
 //! Hostile input ends in quarantine with a reason, never a crash, and the
 //! counts add up: records in = Silver + quarantine + dropped + duplicates.
 
-mod common;
-use common::bronze;
-use std::sync::Arc;
-
-use arrow::array::{
-    AsArray, BinaryArray, Int64Array, MapBuilder, RecordBatch, StringArray, StringBuilder,
-    TimestampMicrosecondArray,
-};
+use arrow::array::AsArray;
 use medallion_spec::Contract;
-use medallion_spec::layout::bronze_schema;
 use medallion_transform::dedupe::KeySet;
 use medallion_transform::pipeline::transform;
+
+mod common;
+use common::bronze;
 
 const SPEC: &str = r#"apiVersion: medallion.dev/v1alpha1
 kind: DataProduct
