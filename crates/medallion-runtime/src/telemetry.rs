@@ -137,13 +137,15 @@ impl Telemetry {
                 json: settings.log_format == LogFormat::Json,
             });
         let provider = (!settings.sdk_disabled).then(|| build_provider(settings));
-        let otel = provider.as_ref().map(|p| {
-            tracing_opentelemetry::layer()
-                .with_tracer(p.tracer("medallion"))
-                .with_filter(tracing_subscriber::filter::filter_fn(|m| {
-                    // Only our own spans become OTel spans; dependency spans are noise in Jaeger.
-                    m.target().starts_with("medallion")
-                }))
+        let otel = provider
+            .as_ref()
+            .map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer("medallion")));
+        // Only our own spans exist at all: dependency spans are noise in
+        // Jaeger. This is a global filter on purpose: as a per-layer filter
+        // on the OpenTelemetry layer, spans nested in our batch spans
+        // (`bronze.commit`, `gold.commit`) were created but never exported.
+        let only_our_spans = tracing_subscriber::filter::filter_fn(|m| {
+            !m.is_span() || m.target().starts_with("medallion")
         });
         if let Some(p) = &provider {
             opentelemetry::global::set_tracer_provider(p.clone());
@@ -154,6 +156,7 @@ impl Telemetry {
             tokio::spawn(warn_if_unreachable(endpoint));
         }
         let subscriber = tracing_subscriber::registry()
+            .with(only_our_spans)
             .with(otel)
             .with(SpanFieldsLayer)
             .with(fmt.with_filter(filter));
