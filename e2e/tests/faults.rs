@@ -14,7 +14,7 @@ use std::time::Duration;
 use arrow::array::{Array, AsArray};
 use arrow::datatypes::Int64Type;
 use medallion_e2e::{Service, pipeline_vars, stop_all};
-use medallion_testkit::{NatsServer, eventually};
+use medallion_testkit::{NatsServer, eventually, free_port};
 
 /// `MEDALLION_E2E_LONG=1` runs the long variant: 200,000 events and 20
 /// SIGKILLs (each service in turn, then at random) instead of 20,000 and 6.
@@ -68,7 +68,7 @@ const NAMES: [&str; 3] = [
     "medallion-aggregate",
 ];
 
-fn service_vars(nats: &NatsServer, lake: &std::path::Path) -> Vec<BTreeMap<String, String>> {
+fn service_vars(nats_url: &str, lake: &std::path::Path) -> Vec<BTreeMap<String, String>> {
     [
         "MEDALLION_INGEST_ADDR",
         "MEDALLION_TRANSFORM_ADDR",
@@ -76,7 +76,7 @@ fn service_vars(nats: &NatsServer, lake: &std::path::Path) -> Vec<BTreeMap<Strin
     ]
     .iter()
     .map(|addr| {
-        let mut v = pipeline_vars(&nats.url(), lake, addr);
+        let mut v = pipeline_vars(nats_url, lake, addr);
         v.insert("MEDALLION_BATCH_ROWS".into(), "300".into());
         v.insert("MEDALLION_ACK_WAIT".into(), "5s".into());
         v.insert("OTEL_SDK_DISABLED".into(), "true".into());
@@ -133,7 +133,7 @@ async fn kill_9_each_service_while_producers_resend_everything() {
     let lake = tempfile::tempdir().unwrap();
     let logs = tempfile::tempdir().unwrap();
     let names = NAMES;
-    let vars = service_vars(&nats, lake.path());
+    let vars = service_vars(&nats.url(), lake.path());
     let mut services: Vec<Service> = names
         .iter()
         .zip(&vars)
@@ -188,12 +188,71 @@ async fn kill_9_each_service_while_producers_resend_everything() {
     stop_all(&mut services);
 }
 
+/// Three nats-servers on loopback with every stream at three replicas: one
+/// node is killed mid-stream and the pipeline carries on through the other two.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_node_killed_under_r3_streams_loses_and_duplicates_nothing() {
+    let routes: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let mut nodes: Vec<NatsServer> = (0..3)
+        .map(|i| {
+            let others: Vec<String> = routes
+                .iter()
+                .enumerate()
+                .filter(|(j, _)| *j != i)
+                .map(|(_, p)| format!("nats-route://127.0.0.1:{p}"))
+                .collect();
+            NatsServer::start_with_config(Some(&format!(
+                "server_name: n{i}\ncluster {{\n  name: medallion-e2e\n  listen: 127.0.0.1:{}\n  routes: [{}]\n}}",
+                routes[i],
+                others.join(", ")
+            )))
+        })
+        .collect();
+    let urls = nodes.iter().map(|n| n.url()).collect::<Vec<_>>().join(",");
+    // Clustered JetStream answers once the nodes have elected a meta leader.
+    let client = async_nats::connect(nodes[0].url()).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    eventually(Duration::from_secs(60), "a JetStream cluster", || {
+        let js = js.clone();
+        async move { js.query_account().await.is_ok() }
+    })
+    .await;
+
+    let lake = tempfile::tempdir().unwrap();
+    let logs = tempfile::tempdir().unwrap();
+    let mut vars = service_vars(&urls, lake.path());
+    for v in &mut vars {
+        v.insert("MEDALLION_STREAM_REPLICAS".into(), "3".into());
+    }
+    let (mut services, js) =
+        medallion_e2e::start_services(&NAMES, &vars, logs.path(), nodes[0].url()).await;
+    let ingest = js.get_stream("MEDALLION_INGEST").await.unwrap();
+    assert_eq!(ingest.cached_info().config.num_replicas, 3);
+
+    let started = std::time::Instant::now();
+    let producer = produce(nodes[0].url());
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    nodes[2].kill();
+    let killed_at = started.elapsed();
+    producer.await.unwrap();
+    let published = started.elapsed();
+    check_exact(lake.path()).await;
+    eprintln!(
+        "3-node cluster, R3: node n2 killed at {:.1}s; {} events published by {:.1}s; every layer exact {:.1}s after the last publish",
+        killed_at.as_secs_f64(),
+        events(),
+        published.as_secs_f64(),
+        (started.elapsed() - published).as_secs_f64()
+    );
+    stop_all(&mut services);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_restart_and_a_paused_transform_lose_and_duplicate_nothing() {
     let mut nats = NatsServer::start();
     let lake = tempfile::tempdir().unwrap();
     let logs = tempfile::tempdir().unwrap();
-    let mut vars = service_vars(&nats, lake.path());
+    let mut vars = service_vars(&nats.url(), lake.path());
     for v in &mut vars {
         // Shorter than the pause below: JetStream redelivers to the paused consumer.
         v.insert("MEDALLION_ACK_WAIT".into(), "2s".into());

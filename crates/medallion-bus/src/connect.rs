@@ -112,8 +112,23 @@ impl NatsSettings {
     /// silently.
     pub async fn connect(&self) -> Result<Client, BusError> {
         let options = self.options().await?;
+        // NATS_URL may list several servers (a cluster), comma-separated as
+        // the nats CLI takes them; the client wants them one by one.
+        let servers = self
+            .url
+            .split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .map(|u| {
+                u.parse::<async_nats::ServerAddr>()
+                    .map_err(|e| BusError::Setting {
+                        setting: "NATS_URL",
+                        message: format!("`{u}` is not a NATS server URL ({e}); use nats://host:port, comma-separated for several"),
+                    })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         options
-            .connect(self.url.as_str())
+            .connect(servers)
             .await
             .map_err(|e| BusError::Connect {
                 url: self.url.clone(),

@@ -42,7 +42,7 @@ vars! {
     "MEDALLION_DEDUPE_WINDOW", Some("2m"), "ingest", "How long JetStream remembers a Nats-Msg-Id";
     "MEDALLION_EVENT_MAX_AGE", Some("24h"), "ingest", "Retention of stage events (consumers fall back to tables)";
     "MEDALLION_INGEST_MAX_BYTES", Some("-1"), "ingest", "Ingest stream size limit; publishers are refused when full (-1: none)";
-    "MEDALLION_STREAM_REPLICAS", Some("1"), "ingest", "Replicas of every stream (3 on a cluster)";
+    "MEDALLION_STREAM_REPLICAS", Some("1"), "ingest,transform,aggregate,catalog", "Replicas of every stream and of the registry (3 on a cluster)";
     "MEDALLION_PII_KEY", None, "transform,catalog", "Secret key of the keyed hash of PII columns (required when a product hashes PII)";
     "MEDALLION_JWT_SECRET", None, "catalog,cli", "HS256 secret verifying catalog bearer tokens";
     "MEDALLION_JWT_PUBLIC_KEY", None, "catalog", "RS256 public key (PEM) or JWKS file verifying catalog bearer tokens";
