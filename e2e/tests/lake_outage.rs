@@ -4,7 +4,8 @@
 //! way a lost mount or a broken volume looks to a writer: the directory is
 //! moved away and a regular file put in its place (every write below it
 //! fails with "not a directory"), then moved back. First the whole Bronze
-//! layer, then the Silver table's `_delta_log`, each while producers publish.
+//! layer, then the Silver table's `_delta_log`, then Gold's, each while
+//! producers publish.
 //!
 //! Expected: the stage that cannot commit backs off, reports not-ready on
 //! `/readyz` naming the lake, does not acknowledge (ingest keeps the
@@ -141,6 +142,7 @@ async fn an_unwritable_lake_delays_but_loses_and_duplicates_nothing() {
     .collect();
     let ingest_addr = vars[0]["MEDALLION_INGEST_ADDR"].clone();
     let transform_addr = vars[1]["MEDALLION_TRANSFORM_ADDR"].clone();
+    let aggregate_addr = vars[2]["MEDALLION_AGGREGATE_ADDR"].clone();
     let (mut services, js) =
         medallion_e2e::start_services(&names, &vars, logs.path(), nats.url()).await;
 
@@ -260,8 +262,51 @@ async fn an_unwritable_lake_delays_but_loses_and_duplicates_nothing() {
     })
     .await;
 
+    // Outage C: the Gold table's log becomes a file.
+    let gold_log = lake
+        .path()
+        .join("gold/finance/revenue_by_country_hourly/_delta_log");
+    let away = break_dir(&gold_log);
+    let producer = produce(js.clone(), 3);
+    producer.await.unwrap();
+    eventually(
+        Duration::from_secs(60),
+        "silver lands wave 4 while gold is down",
+        || async {
+            row_count(&read_table(lake.path(), "silver.finance.payments").await)
+                == 4 * MESSAGES * PER_MESSAGE
+        },
+    )
+    .await;
+    eventually(
+        Duration::from_secs(30),
+        "aggregate reports gold on /readyz",
+        || async {
+            let (code, body) = readyz(&aggregate_addr).await;
+            code == 503 && body.contains("gold finance.payments")
+        },
+    )
+    .await;
+    tokio::time::sleep(outage).await;
+    restore_dir(&gold_log, &away);
+    let logs = services[2].logs();
+    let retries = logs.matches("cannot open gold tables").count()
+        + logs.matches("gold commit failed").count();
+    println!("lake outage C (gold _delta_log): aggregate retried {retries} times");
+    assert!(
+        (1..=10).contains(&retries),
+        "aggregate retried {retries} times in about {outage:?}"
+    );
+    let back = Instant::now();
+    settle(lake.path(), 4, "wave 4 reaches gold after gold is back").await;
+    let recovery_c = back.elapsed();
+    eventually(Duration::from_secs(30), "aggregate ready again", || async {
+        readyz(&aggregate_addr).await.0 == 200
+    })
+    .await;
+
     // Exact accounting.
-    let published = 3 * MESSAGES;
+    let published = 4 * MESSAGES;
     let events = published * PER_MESSAGE;
     let bronze = row_count(&read_table(lake.path(), "bronze.finance.payments").await);
     let silver = read_table(lake.path(), "silver.finance.payments").await;
@@ -284,10 +329,11 @@ async fn an_unwritable_lake_delays_but_loses_and_duplicates_nothing() {
     println!(
         "lake outage: published {published} messages ({events} events); bronze {bronze}, silver {}, quarantine {quarantine}, gold payments {gold} \
          (expected {published}, {events}, 0, {events}); lost {lost}, duplicated {duplicates}; \
-         recovery after the lake came back: bronze layer {:.1} s, silver log {:.1} s",
+         recovery after the lake came back: bronze layer {:.1} s, silver log {:.1} s, gold log {:.1} s",
         row_count(&silver),
         recovery_a.as_secs_f64(),
-        recovery_b.as_secs_f64()
+        recovery_b.as_secs_f64(),
+        recovery_c.as_secs_f64()
     );
     assert_eq!(bronze, published);
     assert_eq!(duplicates, 0);

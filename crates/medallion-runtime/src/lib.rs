@@ -5,6 +5,7 @@
 //! A service's `main.rs` is one call to [`main`]; its library exposes
 //! `Config::from_env` and `run(config, runtime)`, which tests call in-process.
 
+pub mod backoff;
 pub mod env;
 pub mod failpoint;
 mod health;

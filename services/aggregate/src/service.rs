@@ -61,6 +61,7 @@ pub async fn run(config: AggregateConfig, rt: Runtime) -> anyhow::Result<()> {
         metrics,
         rt: rt.clone(),
         max_deliver: config.max_deliver,
+        lake_backoff: Default::default(),
     };
     a.reload(&source).await;
     rt.health.set_started();
@@ -108,6 +109,9 @@ struct Aggregate {
     metrics: PipelineMetrics,
     rt: Runtime,
     max_deliver: u32,
+    /// Products whose Gold tables failed to open or commit: retried with a
+    /// growing wait, not on every tick and event.
+    lake_backoff: medallion_runtime::backoff::Backoff<ProductId>,
 }
 
 /// One Gold table: its writer, its in-memory groups, and which data file
@@ -156,6 +160,9 @@ impl Aggregate {
         if self.states.contains_key(id) {
             return true;
         }
+        if !self.lake_backoff.ready(id) {
+            return false;
+        }
         let Some(contract) = self.products.contracts.get(id).cloned() else {
             return false;
         };
@@ -164,11 +171,13 @@ impl Aggregate {
                 self.rt
                     .health
                     .clear_problem(&format!("gold {}.{}", id.0, id.1));
+                self.lake_backoff.succeeded(id);
                 self.states.insert(id.clone(), t);
                 true
             }
             Err(e) => {
-                warn!(product = %format!("{}.{}", id.0, id.1), error = %e, "cannot open gold tables");
+                let attempt = self.lake_backoff.failed(id.clone());
+                warn!(product = %format!("{}.{}", id.0, id.1), attempt, error = %e, "cannot open gold tables");
                 self.rt
                     .health
                     .set_problem(format!("gold {}.{}", id.0, id.1), e);
@@ -241,6 +250,7 @@ impl Aggregate {
                         warn!(product, error = %e, "gold commit failed; retrying from the tables");
                         self.rt.health.set_problem(format!("gold {product}"), e);
                         self.states.remove(id);
+                        self.lake_backoff.failed(id.clone());
                         return;
                     }
                 }

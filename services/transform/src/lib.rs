@@ -16,7 +16,6 @@
 //! announced (lost event, crash, retention) is read from the Bronze table by
 //! the reconcile tick.
 
-mod backoff;
 pub mod cleanse;
 pub mod config;
 pub mod decode;

@@ -137,7 +137,7 @@ struct Transform {
     max_rows: usize,
     max_deliver: u32,
     /// Products whose tables failed to open or commit: retried with back-off.
-    lake_backoff: crate::backoff::Backoff<ProductId>,
+    lake_backoff: medallion_runtime::backoff::Backoff<ProductId>,
 }
 
 struct ProductState {

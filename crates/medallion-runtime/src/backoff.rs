@@ -1,6 +1,7 @@
 //! Back-off for a product whose tables cannot be opened or committed (the
-//! lake unwritable or unreachable): without it every tick and every Bronze
-//! event retried at once and logged an error each time.
+//! lake unwritable or unreachable): without it every tick and every upstream
+//! event retried at once and logged an error each time. Transform and
+//! aggregate keep one per product.
 
 use std::collections::HashMap;
 use std::hash::Hash;
