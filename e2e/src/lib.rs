@@ -223,6 +223,22 @@ pub async fn read_table(lake: &Path, table: &str) -> Vec<arrow::array::RecordBat
     }
 }
 
+/// Payments counted in the demo product's Gold table (0 before it exists).
+pub async fn gold_payments(lake: &Path) -> i64 {
+    use arrow::array::AsArray;
+    read_table(lake, "gold.finance.revenue_by_country_hourly")
+        .await
+        .iter()
+        .map(|b| {
+            b.column(b.schema().index_of("payments").expect("payments column"))
+                .as_primitive::<arrow::datatypes::Int64Type>()
+                .values()
+                .iter()
+                .sum::<i64>()
+        })
+        .sum()
+}
+
 pub fn row_count(b: &[arrow::array::RecordBatch]) -> usize {
     b.iter().map(|b| b.num_rows()).sum()
 }

@@ -17,8 +17,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use arrow::array::{Array, AsArray};
-use arrow::datatypes::Int64Type;
-use medallion_e2e::{http_get, pipeline_vars, read_table, row_count, stop_all};
+use medallion_e2e::{gold_payments, http_get, pipeline_vars, read_table, row_count, stop_all};
 use medallion_testkit::{NatsServer, eventually};
 
 const MESSAGES: usize = 600;
@@ -54,20 +53,6 @@ fn produce(js: async_nats::jetstream::Context, wave: usize) -> tokio::task::Join
             }
         }
     })
-}
-
-async fn gold_payments(lake: &Path) -> i64 {
-    read_table(lake, "gold.finance.revenue_by_country_hourly")
-        .await
-        .iter()
-        .map(|b| {
-            b.column(b.schema().index_of("payments").unwrap())
-                .as_primitive::<Int64Type>()
-                .values()
-                .iter()
-                .sum::<i64>()
-        })
-        .sum()
 }
 
 /// Replaces `dir` by a regular file; returns where the directory went.

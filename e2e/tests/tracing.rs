@@ -237,27 +237,6 @@ async fn publish_traced(nats: &NatsServer, n: usize) {
     }
 }
 
-async fn gold_payments(lake: &std::path::Path) -> i64 {
-    let lake = medallion_lake::Lake::from_location(lake.to_str().unwrap()).unwrap();
-    let t = medallion_spec::TableRef::gold("finance", "revenue_by_country_hourly");
-    let Ok(Some(table)) = medallion_lake::open_at(&lake, &t, None).await else {
-        return 0;
-    };
-    medallion_lake::read_all(&t, &table)
-        .await
-        .unwrap_or_default()
-        .iter()
-        .map(|b| {
-            let c = b.column(b.schema().index_of("payments").unwrap());
-            let a = c
-                .as_any()
-                .downcast_ref::<arrow::array::Int64Array>()
-                .unwrap();
-            a.values().iter().sum::<i64>()
-        })
-        .sum()
-}
-
 async fn metric(port: u16, name: &str, labels: &[(&str, &str)]) -> f64 {
     let body = reqwest_get(&format!("http://127.0.0.1:{port}/metrics")).await;
     let scrape = prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_string())))
@@ -317,7 +296,7 @@ async fn one_trace_per_event_across_the_stages() {
     );
     publish_traced(&nats, N).await;
     eventually(Duration::from_secs(90), "every event in gold", || async {
-        gold_payments(lake.path()).await == N as i64
+        medallion_e2e::gold_payments(lake.path()).await == N as i64
     })
     .await;
     let wanted: BTreeSet<String> = (0..N).map(trace_id).collect();
@@ -439,7 +418,7 @@ async fn no_collector_listening_changes_nothing() {
     let mut p = start_pipeline(&nats, lake.path(), &dead, &dead);
     publish_traced(&nats, N).await;
     eventually(Duration::from_secs(90), "every event in gold", || async {
-        gold_payments(lake.path()).await == N as i64
+        medallion_e2e::gold_payments(lake.path()).await == N as i64
     })
     .await;
     stop_all(&mut p.services);
