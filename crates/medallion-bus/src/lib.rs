@@ -9,6 +9,7 @@ pub mod dlq;
 mod error;
 pub mod event;
 pub mod headers;
+pub mod quality;
 pub mod registry;
 pub mod streams;
 pub mod trace;

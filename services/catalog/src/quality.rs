@@ -11,34 +11,14 @@ use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use tokio::sync::RwLock;
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
-pub struct ExpectationTotals {
-    pub action: String,
-    pub passed: u64,
-    pub failed: u64,
-}
-
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
-struct Counts {
-    rows_in: u64,
-    rows_out: u64,
-    quarantined: u64,
-    dropped: u64,
-    duplicates: u64,
-    invalid: u64,
-    /// Bronze messages the transform dead-lettered (absent in older events).
-    #[serde(default)]
-    dead_lettered: u64,
-    #[serde(default)]
-    expectations: BTreeMap<String, ExpectationTotals>,
-}
+use medallion_bus::quality::{ExpectationCount as ExpectationTotals, QualityCounts};
 
 #[derive(Deserialize)]
 struct QualityEvent {
     product: String,
     silver_version: i64,
     at: String,
-    counts: Counts,
+    counts: QualityCounts,
 }
 
 /// Totals over the retained events, plus the last batch's time and version.

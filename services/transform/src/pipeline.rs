@@ -1,7 +1,6 @@
 //! One Bronze commit → Silver rows + quarantine rows + quality counts. Pure:
 //! no IO, so golden tests run it directly.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use arrow::array::{
@@ -12,49 +11,12 @@ use arrow::compute::{filter, filter_record_batch};
 use arrow::datatypes::{Int64Type, TimestampMicrosecondType};
 use medallion_spec::layout::{bronze, quarantine_schema};
 use medallion_spec::{Contract, ExpectationAction};
-use serde::{Deserialize, Serialize};
 
 use crate::cleanse::{cast_column, check_required, mask_pii, standardize};
 use crate::decode::{decode, raw_schema, split_records};
 use crate::dedupe::{KeyHashSet, KeySet, key_hashes};
 
-/// Per-batch quality counts, published on `medallion.quality.<domain>.<product>`.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct QualityCounts {
-    /// Records read from Bronze (lines for ndjson/csv, messages for json).
-    pub rows_in: u64,
-    pub rows_out: u64,
-    pub quarantined: u64,
-    pub dropped: u64,
-    pub duplicates: u64,
-    /// Records that could not be parsed or typed.
-    pub invalid: u64,
-    pub expectations: BTreeMap<String, ExpectationCount>,
-}
-
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct ExpectationCount {
-    pub action: String,
-    pub passed: u64,
-    pub failed: u64,
-}
-
-impl QualityCounts {
-    pub fn add(&mut self, o: &QualityCounts) {
-        self.rows_in += o.rows_in;
-        self.rows_out += o.rows_out;
-        self.quarantined += o.quarantined;
-        self.dropped += o.dropped;
-        self.duplicates += o.duplicates;
-        self.invalid += o.invalid;
-        for (k, v) in &o.expectations {
-            let e = self.expectations.entry(k.clone()).or_default();
-            e.action = v.action.clone();
-            e.passed += v.passed;
-            e.failed += v.failed;
-        }
-    }
-}
+pub use medallion_bus::quality::{ExpectationCount, QualityCounts};
 
 /// A `fail` expectation was violated: the product stops before this batch.
 #[derive(Debug, Clone, PartialEq)]

@@ -671,7 +671,7 @@ async fn commit(
     state: &mut ProductState,
     silver: Vec<RecordBatch>,
     quarantine: Vec<RecordBatch>,
-    counts: QualityCounts,
+    mut counts: QualityCounts,
     new_keys: KeyHashSet,
     last: i64,
     poison: &[Poison],
@@ -680,6 +680,9 @@ async fn commit(
     metrics: &PipelineMetrics,
     links: &[String],
 ) -> Result<(), String> {
+    // Bronze messages parked in the DLQ by this commit (their records are in
+    // no other count).
+    counts.dead_lettered = poison.len() as u64;
     if last == state.processed {
         return Ok(());
     }
@@ -834,15 +837,7 @@ async fn commit(
             warn!(table = %silver_ref, version, error = %e, "silver event not published; aggregate reads the commit from the table")
         }
     }
-    publish_quality(
-        js,
-        &state.contract,
-        version,
-        last,
-        &counts,
-        poison.len() as u64,
-    )
-    .await;
+    publish_quality(js, &state.contract, version, last, &counts).await;
     if state.commits_since_snapshot >= SNAPSHOT_EVERY {
         state.snapshot().await;
     }
@@ -855,12 +850,7 @@ async fn publish_quality(
     silver_version: i64,
     bronze_version: i64,
     counts: &QualityCounts,
-    dead_lettered: u64,
 ) {
-    let mut counts = serde_json::to_value(counts).unwrap_or_default();
-    // Bronze messages parked in the DLQ by this commit (their records are in
-    // no other count).
-    counts["dead_lettered"] = dead_lettered.into();
     let body = serde_json::json!({
         "product": pid(c),
         "silver_version": silver_version,
