@@ -423,3 +423,115 @@ async fn check(
         assert!(d.headers["Medallion-Dlq-Reason"].contains("aggregate panicked"));
     }
 }
+
+/// A record that kills the transform process outright (abort: no unwinding,
+/// as a stack overflow, a segfault in native code or the OOM killer would)
+/// costs one crash of the service: the restarted process finds in the
+/// attempts ledger that its predecessor died in the same step, runs that
+/// step's Bronze records in child processes, dead-letters the ones that kill
+/// a child `MEDALLION_MAX_DELIVER` times, and the rest flows on. The test
+/// restarts the service when it dies, as Kubernetes would.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_that_kills_the_transform_costs_one_crash_and_is_dead_lettered() {
+    let nats = NatsServer::start();
+    let lake = tempfile::tempdir().unwrap();
+    let logs = tempfile::tempdir().unwrap();
+    let names = [
+        "medallion-ingest",
+        "medallion-transform",
+        "medallion-aggregate",
+    ];
+    let all_vars: Vec<BTreeMap<String, String>> = [
+        "MEDALLION_INGEST_ADDR",
+        "MEDALLION_TRANSFORM_ADDR",
+        "MEDALLION_AGGREGATE_ADDR",
+    ]
+    .iter()
+    .map(|a| {
+        let mut v = vars(&nats, lake.path(), a);
+        v.insert(
+            "MEDALLION_FAIL_POINTS".into(),
+            format!("transform.decode.abort_on={T_MARKER},aggregate.merge.panic_on={A_MARKER}"),
+        );
+        v
+    })
+    .collect();
+    let (mut services, js) =
+        medallion_e2e::start_services(&names, &all_vars, logs.path(), nats.url()).await;
+
+    // The supervisor: restarts the transform whenever it dies.
+    let transform = services.remove(1);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let supervisor = {
+        let stop = stop.clone();
+        let vars = all_vars[1].clone();
+        let logs = logs.path().to_path_buf();
+        std::thread::spawn(move || {
+            let mut t = transform;
+            let mut deaths = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Some(status) = t.wait_exit(Duration::from_millis(100)) {
+                    deaths.push((status, t.logs()));
+                    t = Service::start("medallion-transform", &vars, &logs);
+                }
+            }
+            t.stop();
+            (deaths, t.logs())
+        })
+    };
+
+    let started = Instant::now();
+    let (t_poison, a_poison) = (2usize, 4usize);
+    for m in 0..GOOD_MESSAGES {
+        js.publish("medallion.ingest.finance.payments", good(0, m).into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        if m % (GOOD_MESSAGES / t_poison) == GOOD_MESSAGES / t_poison / 2 {
+            let n = m / (GOOD_MESSAGES / t_poison);
+            js.publish("medallion.ingest.finance.payments", poison(0, n).into())
+                .await
+                .unwrap()
+                .await
+                .unwrap();
+        }
+    }
+    check(lake.path(), &js, 1, t_poison, a_poison).await;
+    let settled = started.elapsed();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (deaths, last_logs) = supervisor.join().unwrap();
+
+    use std::os::unix::process::ExitStatusExt as _;
+    assert!(
+        !deaths.is_empty() && deaths.len() <= t_poison,
+        "each killer record costs the service at most one crash; deaths: {:?}\nlast logs:\n{last_logs}",
+        deaths.iter().map(|d| d.0).collect::<Vec<_>>()
+    );
+    for (status, logs) in &deaths {
+        assert_eq!(status.signal(), Some(6), "died by SIGABRT:\n{logs}");
+    }
+    let all_logs = deaths.iter().map(|d| d.1.as_str()).collect::<String>() + &last_logs;
+    assert!(
+        all_logs.contains("an earlier process died on these bronze versions"),
+        "the restarted service used the attempts ledger:\n{all_logs}"
+    );
+    let dlq = read_dlq(&js).await;
+    for d in dlq
+        .iter()
+        .filter(|d| d.subject.starts_with("medallion.dlq.transform."))
+    {
+        assert!(
+            d.headers["Medallion-Dlq-Reason"].contains("killed by signal 6 (SIGABRT)"),
+            "{:?}",
+            d.headers
+        );
+    }
+    println!(
+        "poison (abort): {} messages + {t_poison} killer records; the service died {} time(s), every layer exact {:.1} s after the first publish",
+        GOOD_MESSAGES,
+        deaths.len(),
+        settled.as_secs_f64()
+    );
+    stop_all(&mut services);
+}

@@ -1,6 +1,7 @@
 //! The event bus every Medallion service shares: NATS connection settings,
 //! the JetStream streams, Arrow IPC stage events and trace context headers.
 
+pub mod attempts;
 pub mod batching;
 pub mod codec;
 pub mod connect;

@@ -58,29 +58,20 @@ fn err(message: impl ToString) -> BusError {
 impl Registry {
     /// Opens the bucket, creating it on first use.
     pub async fn open(js: &jetstream::Context, s: &StreamSettings) -> Result<Registry, BusError> {
-        let mut last = None;
-        // Servers in a fresh cluster may not have elected a leader yet.
-        for attempt in 0..20 {
-            match js.get_key_value(PRODUCTS_BUCKET).await {
-                Ok(kv) => return Ok(Registry { kv }),
-                Err(_) => match js
-                    .create_key_value(kv::Config {
-                        bucket: PRODUCTS_BUCKET.into(),
-                        description: "Medallion DataProduct specs, one revision per change".into(),
-                        history: HISTORY,
-                        num_replicas: s.replicas,
-                        storage: jetstream::stream::StorageType::File,
-                        ..Default::default()
-                    })
-                    .await
-                {
-                    Ok(kv) => return Ok(Registry { kv }),
-                    Err(e) => last = Some(e.to_string()),
-                },
-            }
-            tokio::time::sleep(Duration::from_millis(100 * (attempt + 1).min(10))).await;
-        }
-        Err(err(last.unwrap_or_default()))
+        let kv = crate::attempts::open_bucket(
+            js,
+            kv::Config {
+                bucket: PRODUCTS_BUCKET.into(),
+                description: "Medallion DataProduct specs, one revision per change".into(),
+                history: HISTORY,
+                num_replicas: s.replicas,
+                storage: jetstream::stream::StorageType::File,
+                ..Default::default()
+            },
+        )
+        .await
+        .map_err(err)?;
+        Ok(Registry { kv })
     }
 
     /// The current document of every registered product, by key.

@@ -3,7 +3,8 @@
 //! `panic`, or `sleep(<ms>)`. Points named `*.panic_on` take a marker
 //! instead (`transform.decode.panic_on=POISON`): [`panic_on`] panics whenever
 //! the data it is shown contains the marker, so a test can plant records that
-//! crash a stage every time they are processed. Unset in production, where a
+//! crash a stage every time they are processed; `*.abort_on` points abort
+//! the process instead ([`abort_on`]). Unset in production, where a
 //! check is one lookup in an empty list.
 
 use std::sync::OnceLock;
@@ -60,6 +61,20 @@ pub fn panic_on(name: &str, data: &[u8]) {
     };
     if contains(data, marker.as_bytes()) {
         panic!("fail point {name}: record contains {marker}");
+    }
+}
+
+/// Aborts the process when `name` is configured with a marker and `data`
+/// contains it: the record that kills a stage outright (as a stack overflow,
+/// a segfault in native code or the OOM killer would), where no unwinding
+/// handler gets a say.
+pub fn abort_on(name: &str, data: &[u8]) {
+    let Some(marker) = value(name) else {
+        return;
+    };
+    if contains(data, marker.as_bytes()) {
+        eprintln!("fail point {name}: record contains {marker}; aborting");
+        std::process::abort();
     }
 }
 

@@ -18,6 +18,7 @@
 
 pub mod cleanse;
 pub mod config;
+pub mod crash_check;
 pub mod decode;
 pub mod dedupe;
 pub mod pipeline;

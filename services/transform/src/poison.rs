@@ -29,6 +29,9 @@ use medallion_spec::layout::bronze;
 /// makes the transform panic on every Bronze message whose payload contains
 /// the marker.
 pub const FAIL_POINT: &str = "transform.decode.panic_on";
+/// Test-only fail point: `transform.decode.abort_on=<marker>` aborts the
+/// whole process instead (see [`crate::crash_check`]).
+pub const ABORT_POINT: &str = "transform.decode.abort_on";
 
 /// One Bronze message the transform cannot process.
 #[derive(Debug, Clone)]
@@ -44,12 +47,17 @@ pub struct Poison {
 
 /// Called inside the unwind boundary, before the transform of `b`.
 pub fn inject(b: &RecordBatch) {
-    if !failpoint::is_set(FAIL_POINT) {
+    let (panics, aborts) = (
+        failpoint::is_set(FAIL_POINT),
+        failpoint::is_set(ABORT_POINT),
+    );
+    if !panics && !aborts {
         return;
     }
     if let Some(p) = b.column_by_name(bronze::PAYLOAD) {
         let p = p.as_binary::<i32>();
         for i in 0..p.len() {
+            failpoint::abort_on(ABORT_POINT, p.value(i));
             failpoint::panic_on(FAIL_POINT, p.value(i));
         }
     }
@@ -165,7 +173,7 @@ fn describe(
         stream_seq: seq,
         subject,
         payload,
-        reason: format!("transform panicked: {reason}"),
+        reason,
         deliveries,
     }
 }

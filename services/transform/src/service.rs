@@ -18,6 +18,7 @@ use medallion_spec::layout::quarantine_schema;
 use medallion_spec::{Contract, TableRef};
 use tracing::{Instrument, error, info, info_span, warn};
 
+use crate::crash_check::CrashCheck;
 use crate::dedupe::{KeyHashSet, KeySet};
 use crate::pipeline::{Output, QualityCounts, drop_keys_seen, slices, transform};
 use crate::poison::{self, Poison};
@@ -48,6 +49,17 @@ pub async fn run(config: TransformConfig, rt: Runtime) -> anyhow::Result<()> {
         .await
         .context("opening the product registry")?;
     info!(%addr, lake = %lake.root(), specs = ?config.specs, "transform started");
+    let attempts = match medallion_bus::attempts::Attempts::open(&js, &config.streams).await {
+        Ok(a) => Some(a),
+        Err(e) => {
+            warn!(error = %e, "attempts ledger unavailable: a record that kills the process will be retried without a crash check");
+            None
+        }
+    };
+    let crash_exe = crate::crash_check::locate();
+    if crash_exe.is_none() {
+        warn!("the medallion-transform binary was not found: no crash checks in child processes");
+    }
 
     let consumer = medallion_bus::consumer::stage_consumer(
         &js,
@@ -76,6 +88,8 @@ pub async fn run(config: TransformConfig, rt: Runtime) -> anyhow::Result<()> {
         max_rows: config.batch.messages,
         max_deliver: config.max_deliver,
         lake_backoff: Default::default(),
+        attempts,
+        crash_exe,
     };
     t.reload(&source).await;
     rt.health.set_started();
@@ -138,6 +152,10 @@ struct Transform {
     max_deliver: u32,
     /// Products whose tables failed to open or commit: retried with back-off.
     lake_backoff: medallion_runtime::backoff::Backoff<ProductId>,
+    /// Where each product's last step started, to notice a process that died in it.
+    attempts: Option<medallion_bus::attempts::Attempts>,
+    /// This service's binary, run as a child to check a step that killed a process.
+    crash_exe: Option<std::path::PathBuf>,
 }
 
 struct ProductState {
@@ -299,6 +317,8 @@ impl Transform {
         let js = self.js.clone();
         let max_payload = medallion_bus::max_payload(&self.client);
         let health = self.rt.health.clone();
+        let attempts = self.attempts.clone();
+        let crash_exe = self.crash_exe.clone();
         let Some(state) = self.state(id).await else {
             return;
         };
@@ -320,6 +340,13 @@ impl Transform {
                 _ => latest,
             };
             let product = pid(&state.contract);
+            let crash_check = match &attempts {
+                Some(a) => {
+                    crash_check_if_died_before(a, crash_exe.as_deref(), state, pii_key.as_deref())
+                        .await
+                }
+                None => None,
+            };
             let span = info_span!(
                 "transform.batch",
                 product,
@@ -338,6 +365,7 @@ impl Transform {
                 pii_key.as_deref(),
                 max_rows,
                 max_deliver,
+                crash_check.as_ref(),
                 &metrics,
             )
             .instrument(span.clone())
@@ -478,6 +506,7 @@ async fn step(
     pii_key: Option<&[u8]>,
     max_rows: usize,
     max_deliver: u32,
+    crash_check: Option<&CrashCheck>,
     metrics: &PipelineMetrics,
 ) -> Result<Step, String> {
     let product = pid(&state.contract);
@@ -524,7 +553,11 @@ async fn step(
         }
     }
 
-    let outputs = transform_parallel(
+    let checked = match crash_check {
+        Some(check) => isolate_killers(&product, check, &mut inputs, max_deliver),
+        None => Vec::new(),
+    };
+    let mut outputs = transform_parallel(
         &state.contract,
         pii_key,
         &state.keys,
@@ -532,6 +565,9 @@ async fn step(
         now_us(),
         max_deliver,
     );
+    for (i, killers) in checked {
+        outputs[i].1.extend(killers);
+    }
 
     // Fold in Bronze order; keys of earlier batches of this step count as seen
     // (first occurrence wins), and a version with a halt ends the step before it.
@@ -586,6 +622,75 @@ async fn step(
     })
 }
 
+/// A crash check for this step when an earlier process started the same step
+/// and never got past it (see [`crate::crash_check`]).
+async fn crash_check_if_died_before(
+    attempts: &medallion_bus::attempts::Attempts,
+    exe: Option<&std::path::Path>,
+    state: &ProductState,
+    pii_key: Option<&[u8]>,
+) -> Option<CrashCheck> {
+    let product = pid(&state.contract);
+    let start = format!("{}:{}", state.generation, state.processed + 1);
+    let attempt = match attempts
+        .begin(&format!("transform.{product}"), &start)
+        .await
+    {
+        Ok(n) => n,
+        Err(e) => {
+            warn!(product, error = %e, "cannot record the attempt; going on without a crash check");
+            return None;
+        }
+    };
+    if attempt <= 1 {
+        return None;
+    }
+    warn!(
+        product,
+        from = state.processed + 1,
+        attempt,
+        "an earlier process died on these bronze versions; checking them in a child process first"
+    );
+    match CrashCheck::new(
+        exe?.to_path_buf(),
+        &state.contract,
+        pii_key,
+        CRASH_CHECK_TIMEOUT,
+    ) {
+        Ok(c) => Some(c),
+        Err(e) => {
+            warn!(product, error = %e, "crash check unavailable");
+            None
+        }
+    }
+}
+
+/// Longest a child may take over one slice before it counts as a crash.
+const CRASH_CHECK_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Runs each input in a crash-check child; in an input the child does not
+/// survive, finds the records that kill it on their own (`max_deliver` times
+/// each) and takes them out. Returns them by input index.
+fn isolate_killers(
+    product: &str,
+    check: &CrashCheck,
+    inputs: &mut [(i64, RecordBatch)],
+    max_deliver: u32,
+) -> Vec<(usize, Vec<Poison>)> {
+    let mut out = Vec::new();
+    for (i, (v, b)) in inputs.iter_mut().enumerate() {
+        let Err(why) = check.run(*v, b) else {
+            continue;
+        };
+        warn!(product, bronze_version = *v, reason = %why, "the transform dies on these bronze records; isolating the ones that kill it");
+        if let Some(iso) = poison::isolate(b, *v, max_deliver, |x| check.run(*v, x)) {
+            *b = iso.rest;
+            out.push((i, iso.poison));
+        }
+    }
+    out
+}
+
 /// What one slice of Bronze gave: its output (or the halt it hit), and the
 /// messages that crash the transform by themselves, taken out of it.
 type SliceResult = (Result<Output, String>, Vec<Poison>);
@@ -615,7 +720,11 @@ fn transform_parallel(
         let mut r = run(b);
         let mut poisoned = Vec::new();
         if r.is_err()
-            && let Some(iso) = poison::isolate(b, *v, max_deliver, |x| run(x).map(|_| ()))
+            && let Some(iso) = poison::isolate(b, *v, max_deliver, |x| {
+                run(x)
+                    .map(|_| ())
+                    .map_err(|m| format!("transform panicked: {m}"))
+            })
         {
             poisoned = iso.poison;
             r = run(&iso.rest);
