@@ -1212,7 +1212,7 @@ async fn catalog_refuses_every_attack_and_keeps_serving() {
         denied.len()
     );
     for (what, s) in &t.answers {
-        println!("  {s}  {what}");
+        println!("  {s}  {}", what.escape_debug());
     }
     for s in services.iter_mut() {
         assert!(
