@@ -195,6 +195,46 @@ pub async fn http_get(url: &str, bearer: Option<&str>) -> Option<(u16, String)> 
     Some((status, body))
 }
 
+/// Any HTTP/1.1 request, the path sent exactly as given (no normalisation
+/// of `..` or percent-escapes, unlike an HTTP client library), with an
+/// optional `Authorization` header value and body: the status and the body;
+/// `None` when nothing answers.
+pub async fn http_request(
+    addr: &str,
+    method: &str,
+    path: &str,
+    authorization: Option<&str>,
+    content_type: &str,
+    body: &[u8],
+) -> Option<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+    let auth = authorization
+        .map(|t| format!("Authorization: {t}\r\n"))
+        .unwrap_or_default();
+    let mut request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    request.extend_from_slice(body);
+    s.write_all(&request).await.ok()?;
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).await.ok()?;
+    let out = String::from_utf8_lossy(&out).to_string();
+    let status = out.split_whitespace().nth(1)?.parse().ok()?;
+    let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        dechunk(body)
+    } else {
+        body.to_string()
+    };
+    Some((status, body))
+}
+
 fn dechunk(mut body: &str) -> String {
     let mut out = String::new();
     while let Some((size, rest)) = body.split_once("\r\n") {

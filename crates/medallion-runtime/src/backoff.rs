@@ -35,6 +35,9 @@ impl<K: Eq + Hash> Backoff<K> {
         e.1
     }
 
+    /// Resets `key`: call it when the work itself succeeded (a commit
+    /// landed), not when a first step did (the tables opened): on a full
+    /// disk opening works and every commit fails.
     pub fn succeeded(&mut self, key: &K) {
         self.0.remove(key);
     }

@@ -171,7 +171,9 @@ impl Aggregate {
                 self.rt
                     .health
                     .clear_problem(&format!("gold {}.{}", id.0, id.1));
-                self.lake_backoff.succeeded(id);
+                // The back-off is reset by a commit that lands, not by an
+                // open: on a full disk the tables open fine and every commit
+                // fails, and resetting here retried at every tick and event.
                 self.states.insert(id.clone(), t);
                 true
             }
@@ -247,16 +249,17 @@ impl Aggregate {
                             .errors
                             .with_label_values(&["aggregate", "commit"])
                             .inc();
-                        warn!(product, error = %e, "gold commit failed; retrying from the tables");
+                        let attempt = self.lake_backoff.failed(id.clone());
+                        warn!(product, attempt, error = %e, "gold commit failed; retrying from the tables");
                         self.rt.health.set_problem(format!("gold {product}"), e);
                         self.states.remove(id);
-                        self.lake_backoff.failed(id.clone());
                         return;
                     }
                 }
             }
         }
         self.rt.health.clear_problem(&format!("gold {product}"));
+        self.lake_backoff.succeeded(id);
     }
 }
 

@@ -467,6 +467,33 @@ async fn query(
     Json(req): Json<QueryRequest>,
 ) -> Result<Response, ApiError> {
     let c = caller(&s, &headers, "query", &req.sql).await?;
+    match answer_query(&s, &c, &headers, &req).await {
+        Ok(r) => Ok(r),
+        Err(e) => {
+            // A refused statement (DDL, DML, COPY, an unknown table function,
+            // several statements, a timeout) is a denial too: audited with
+            // the engine's reason. 403s are audited where they are decided.
+            if e.0 == StatusCode::BAD_REQUEST {
+                s.audit
+                    .record(AuditRecord::denied(
+                        &c.user,
+                        "query",
+                        &req.sql,
+                        &format!("refused: {}", e.1),
+                    ))
+                    .await;
+            }
+            Err(e)
+        }
+    }
+}
+
+async fn answer_query(
+    s: &AppState,
+    c: &Caller,
+    headers: &HeaderMap,
+    req: &QueryRequest,
+) -> Result<Response, ApiError> {
     let at = match (req.version, req.as_of.as_deref()) {
         (Some(_), Some(_)) => {
             return Err(ApiError(
@@ -492,7 +519,7 @@ async fn query(
         products
             .contracts
             .values()
-            .flat_map(|contract| grants_for(&c, contract))
+            .flat_map(|contract| grants_for(c, contract))
             .collect()
     };
     // Name the table the caller may not read instead of "not found".
@@ -501,8 +528,8 @@ async fn query(
     for r in &referenced {
         if !grants.iter().any(|g| g.table.sql_name() == *r) {
             return Err(deny(
-                &s,
-                &c,
+                s,
+                c,
                 "query",
                 &req.sql,
                 format!("{r} is not granted to your roles (or does not exist)"),

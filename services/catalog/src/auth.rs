@@ -101,7 +101,16 @@ impl Verifier {
     ) -> Self {
         let mut validation = Validation::new(alg);
         validation.leeway = 5;
-        validation.set_required_spec_claims(&["exp", "sub"]);
+        // jsonwebtoken ignores `nbf` unless asked: a token that is not valid
+        // yet must be refused like an expired one.
+        validation.validate_nbf = true;
+        // A configured issuer or audience is required, not only checked when
+        // present: jsonwebtoken accepts a token without `iss`/`aud` unless
+        // the claim is in the required set.
+        let mut required = vec!["exp", "sub"];
+        required.extend(issuer.map(|_| "iss"));
+        required.extend(audience.map(|_| "aud"));
+        validation.set_required_spec_claims(&required);
         if let Some(i) = issuer {
             validation.set_issuer(&[i]);
         }
@@ -220,6 +229,60 @@ mod tests {
         assert!(e.contains("no key with kid"), "{e}");
         // The only key in the set verifies a token without a kid.
         assert!(v.verify(Some(&rs256_token(None, &["admin"]))).is_ok());
+    }
+
+    fn hs256_token(claims: serde_json::Value) -> String {
+        let t = jsonwebtoken::encode(
+            &jsonwebtoken::Header::new(Algorithm::HS256),
+            &claims,
+            &jsonwebtoken::EncodingKey::from_secret(b"unit-test-secret-0123456789abcdef").unwrap(),
+        )
+        .unwrap();
+        format!("Bearer {t}")
+    }
+
+    #[test]
+    fn a_token_that_is_not_valid_yet_is_refused() {
+        let v = Verifier::hs256(b"unit-test-secret-0123456789abcdef", None, None);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let claims = |nbf: u64| serde_json::json!({"sub": "eve", "exp": now + 7200, "nbf": nbf, "roles": ["admin"]});
+        let e = v
+            .verify(Some(&hs256_token(claims(now + 3600))))
+            .unwrap_err();
+        assert!(e.contains("ImmatureSignature"), "{e}");
+        // Within the leeway, and in the past: fine.
+        assert!(v.verify(Some(&hs256_token(claims(now + 2)))).is_ok());
+        assert!(v.verify(Some(&hs256_token(claims(now - 60)))).is_ok());
+    }
+
+    #[test]
+    fn a_configured_issuer_and_audience_are_required() {
+        let v = Verifier::hs256(
+            b"unit-test-secret-0123456789abcdef",
+            Some("https://idp.example/"),
+            Some("medallion"),
+        );
+        let exp = 4_102_444_800u64;
+        let good = serde_json::json!({"sub": "ada", "exp": exp, "roles": ["admin"], "iss": "https://idp.example/", "aud": "medallion"});
+        assert!(v.verify(Some(&hs256_token(good.clone()))).is_ok());
+        for (claim, wrong) in [("iss", "https://evil.example/"), ("aud", "another-api")] {
+            let mut c = good.clone();
+            c[claim] = serde_json::json!(wrong);
+            assert!(
+                v.verify(Some(&hs256_token(c.clone()))).is_err(),
+                "wrong {claim}"
+            );
+            c.as_object_mut().unwrap().remove(claim);
+            let e = v.verify(Some(&hs256_token(c))).unwrap_err();
+            assert!(e.contains("Missing required claim"), "no {claim}: {e}");
+        }
+        // Without a configured issuer or audience, neither is needed.
+        let open = Verifier::hs256(b"unit-test-secret-0123456789abcdef", None, None);
+        let bare = serde_json::json!({"sub": "ada", "exp": exp, "roles": ["admin"]});
+        assert!(open.verify(Some(&hs256_token(bare))).is_ok());
     }
 
     #[test]

@@ -55,6 +55,27 @@ async fn require_admin(
     .await)
 }
 
+/// Names that cannot be a product (`..`, `>`, `*`, dots, upper case) name
+/// none: 404 here, instead of reaching the registry, whose keys they are
+/// not (`>` and `*` are wildcards there).
+fn named_like_a_product(d: &str, p: &str) -> Result<(), ApiError> {
+    if medallion_spec::contract::is_valid_name(d) && medallion_spec::contract::is_valid_name(p) {
+        return Ok(());
+    }
+    Err(ApiError(
+        StatusCode::NOT_FOUND,
+        format!("no product {d}.{p}: product and domain names are [a-z][a-z0-9_]*"),
+    ))
+}
+
+/// A document refused as it stands (400): audited as a denial with the reason.
+async fn refuse(s: &AppState, c: &Caller, action: &str, target: &str, reason: String) -> ApiError {
+    s.audit
+        .record(AuditRecord::denied(&c.user, action, target, &reason))
+        .await;
+    ApiError(StatusCode::BAD_REQUEST, reason)
+}
+
 /// A product a file defines is changed by editing the file.
 async fn refuse_if_managed(
     s: &AppState,
@@ -123,32 +144,29 @@ pub async fn put_product(
     require_admin(&s, &c, "put_product", &target).await?;
     refuse_if_managed(&s, &c, "put_product", &d, &p).await?;
     // YAML is a superset of JSON: either body is accepted.
-    let new = Contract::from_yaml(&body)
-        .await
-        .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.to_string()))?;
+    let new = match Contract::from_yaml(&body).await {
+        Ok(new) => new,
+        Err(e) => return Err(refuse(&s, &c, "put_product", &target, e.to_string()).await),
+    };
     if new
         .product
         .metadata
         .annotations
         .contains_key(crate::seed::MANAGED_BY_ANNOTATION)
     {
-        return Err(ApiError(
-            StatusCode::BAD_REQUEST,
-            format!(
-                "metadata.annotations.{}: set only by the Kubernetes controller; remove it",
-                crate::seed::MANAGED_BY_ANNOTATION
-            ),
-        ));
+        let reason = format!(
+            "metadata.annotations.{}: set only by the Kubernetes controller; remove it",
+            crate::seed::MANAGED_BY_ANNOTATION
+        );
+        return Err(refuse(&s, &c, "put_product", &target, reason).await);
     }
     if new.domain() != d || new.name() != p {
-        return Err(ApiError(
-            StatusCode::BAD_REQUEST,
-            format!(
-                "the document is {}.{} (spec.domain, metadata.name) but the path names {target}; make them agree",
-                new.domain(),
-                new.name()
-            ),
-        ));
+        let reason = format!(
+            "the document is {}.{} (spec.domain, metadata.name) but the path names {target}; make them agree",
+            new.domain(),
+            new.name()
+        );
+        return Err(refuse(&s, &c, "put_product", &target, reason).await);
     }
     let key = registry::key(&d, &p);
     let current = s
@@ -225,6 +243,7 @@ pub async fn delete_product(
     let target = format!("{d}.{p}");
     let c = caller(&s, &headers, "delete_product", &target).await?;
     require_admin(&s, &c, "delete_product", &target).await?;
+    named_like_a_product(&d, &p)?;
     refuse_if_managed(&s, &c, "delete_product", &d, &p).await?;
     let key = registry::key(&d, &p);
     let Some((revision, _)) = s
@@ -269,6 +288,7 @@ pub async fn versions(
 ) -> ApiResult {
     let target = format!("{d}.{p}");
     let c = caller(&s, &headers, "versions", &target).await?;
+    named_like_a_product(&d, &p)?;
     if !c.is_admin() {
         visible_product(&s, &c, "versions", &d, &p).await?;
     }
@@ -335,4 +355,26 @@ pub fn start_full_refresh(client: async_nats::Client, d: &str, p: &str) {
             }
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_that_cannot_be_a_product_are_not_found() {
+        assert!(named_like_a_product("finance", "payments").is_ok());
+        for (d, p) in [
+            ("..", "payments"),
+            ("../finance", "payments"),
+            ("finance", ">"),
+            ("finance", "*"),
+            ("finance", "pay.ments"),
+            ("Finance", "payments"),
+            ("finance", "pay\0ments"),
+        ] {
+            let e = named_like_a_product(d, p).unwrap_err();
+            assert_eq!(e.0, StatusCode::NOT_FOUND, "{d}/{p}");
+        }
+    }
 }
