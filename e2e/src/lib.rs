@@ -166,33 +166,44 @@ pub async fn start_services(
 /// A plain HTTP/1.1 GET (enough for probes, /metrics and the catalog API):
 /// the status code and the body; `None` when nothing answers.
 pub async fn http_get(url: &str, bearer: Option<&str>) -> Option<(u16, String)> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let addr = url.trim_start_matches("http://");
     let (host, path) = addr.split_once('/').unwrap_or((addr, ""));
-    let mut s = tokio::net::TcpStream::connect(host).await.ok()?;
-    let auth = bearer
-        .map(|t| format!("Authorization: Bearer {t}\r\n"))
-        .unwrap_or_default();
-    s.write_all(
-        format!("GET /{path} HTTP/1.1\r\nHost: {host}\r\n{auth}Connection: close\r\n\r\n")
-            .as_bytes(),
+    let auth = bearer.map(|t| format!("Bearer {t}"));
+    http_request(
+        host,
+        "GET",
+        &format!("/{path}"),
+        auth.as_deref(),
+        "text/plain",
+        b"",
     )
     .await
-    .ok()?;
-    let mut out = Vec::new();
-    s.read_to_end(&mut out).await.ok()?;
-    let out = String::from_utf8_lossy(&out).to_string();
-    let status = out.split_whitespace().nth(1)?.parse().ok()?;
-    let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
-    let body = if head
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked")
-    {
-        dechunk(body)
-    } else {
-        body.to_string()
+}
+
+/// A service's `/readyz`: status and body (`0` when nothing answers).
+pub async fn readyz(addr: &str) -> (u16, String) {
+    http_get(&format!("http://{addr}/readyz"), None)
+        .await
+        .unwrap_or((0, String::new()))
+}
+
+/// The sum of metric `name`'s samples on a service's `/metrics` with all of
+/// `labels` (0 when nothing answers).
+pub async fn metric(addr: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    let Some((_, body)) = http_get(&format!("http://{addr}/metrics"), None).await else {
+        return 0.0;
     };
-    Some((status, body))
+    let scrape = prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_string()))).unwrap();
+    scrape
+        .samples
+        .iter()
+        .filter(|s| s.metric == name)
+        .filter(|s| labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+        .map(|s| match s.value {
+            prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Untyped(v) => v,
+            _ => 0.0,
+        })
+        .sum()
 }
 
 /// Any HTTP/1.1 request, the path sent exactly as given (no normalisation

@@ -17,7 +17,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use arrow::array::{Array, AsArray};
-use medallion_e2e::{gold_payments, http_get, pipeline_vars, read_table, row_count, stop_all};
+use medallion_e2e::{
+    gold_payments, metric, pipeline_vars, read_table, readyz, row_count, stop_all,
+};
 use medallion_testkit::{NatsServer, eventually};
 
 const MESSAGES: usize = 600;
@@ -66,29 +68,6 @@ fn break_dir(dir: &Path) -> PathBuf {
 fn restore_dir(dir: &Path, away: &Path) {
     std::fs::remove_file(dir).unwrap();
     std::fs::rename(away, dir).unwrap();
-}
-
-async fn readyz(addr: &str) -> (u16, String) {
-    http_get(&format!("http://{addr}/readyz"), None)
-        .await
-        .unwrap_or((0, String::new()))
-}
-
-async fn metric(addr: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
-    let Some((_, body)) = http_get(&format!("http://{addr}/metrics"), None).await else {
-        return 0.0;
-    };
-    let scrape = prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_string()))).unwrap();
-    scrape
-        .samples
-        .iter()
-        .filter(|s| s.metric == name)
-        .filter(|s| labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
-        .map(|s| match s.value {
-            prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Untyped(v) => v,
-            _ => 0.0,
-        })
-        .sum()
 }
 
 async fn settle(lake: &Path, waves: usize, what: &str) {

@@ -95,21 +95,7 @@ fn hs256(claims: &serde_json::Value) -> String {
 
 /// `medallion_dead_lettered_total{stage}` on a service's /metrics.
 async fn dead_lettered_metric(addr: &str, stage: &str) -> f64 {
-    let Some((_, body)) = http_get(&format!("http://{addr}/metrics"), None).await else {
-        return -1.0;
-    };
-    let lines = body.lines().map(|l| Ok(l.to_string()));
-    let scrape = prometheus_parse::Scrape::parse(lines).unwrap();
-    scrape
-        .samples
-        .iter()
-        .filter(|s| s.metric == "medallion_dead_lettered_total")
-        .filter(|s| s.labels.get("stage") == Some(stage))
-        .map(|s| match s.value {
-            prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Untyped(v) => v,
-            _ => 0.0,
-        })
-        .sum()
+    medallion_e2e::metric(addr, "medallion_dead_lettered_total", &[("stage", stage)]).await
 }
 
 struct Dlq {

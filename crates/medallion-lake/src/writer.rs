@@ -17,6 +17,7 @@ use deltalake::kernel::transaction::{CommitBuilder, CommitProperties};
 use deltalake::kernel::{Action, MetadataExt as _, Remove, StructType, Transaction};
 use deltalake::parquet::basic::{Compression, ZstdLevel};
 use deltalake::parquet::file::properties::WriterProperties;
+use deltalake::parquet::schema::types::ColumnPath;
 use deltalake::protocol::{DeltaOperation, SaveMode};
 use deltalake::writer::{DeltaWriter, RecordBatchWriter};
 use deltalake::{DeltaTable, DeltaTableBuilder, DeltaTableError};
@@ -53,6 +54,10 @@ pub struct TableOptions {
     /// Bronze is append-only: Delta refuses any commit that removes data.
     pub append_only: bool,
     pub partition_columns: Vec<String>,
+    /// Columns whose values are (nearly) all distinct (a product's key, a raw
+    /// payload): written without dictionary encoding, which for them costs a
+    /// hash and a copy per value and is then abandoned for plain encoding.
+    pub unique_columns: Vec<String>,
 }
 
 /// Writes one table, remembering its transaction version for `app_id`.
@@ -77,12 +82,22 @@ impl std::fmt::Debug for TableWriter {
     }
 }
 
-pub(crate) fn writer_properties() -> WriterProperties {
-    WriterProperties::builder()
-        .set_compression(Compression::ZSTD(
-            ZstdLevel::try_new(1).expect("zstd level 1 is valid"),
-        ))
-        .set_max_row_group_row_count(Some(128 * 1024))
+pub(crate) fn writer_properties(unique_columns: &[String]) -> WriterProperties {
+    unique_columns
+        .iter()
+        .fold(
+            WriterProperties::builder()
+                .set_compression(Compression::ZSTD(
+                    ZstdLevel::try_new(1).expect("zstd level 1 is valid"),
+                ))
+                .set_max_row_group_row_count(Some(128 * 1024))
+                // A column with many distinct values (timestamps, amounts) gives
+                // up on its dictionary at this size; the smaller the limit, the
+                // fewer values are hashed in vain first. Low-cardinality columns
+                // (countries, currencies) stay far below it.
+                .set_dictionary_page_size_limit(256 << 10),
+            |b, c| b.set_column_dictionary_enabled(ColumnPath::from(c.as_str()), false),
+        )
         .build()
 }
 
@@ -142,7 +157,9 @@ impl TableWriter {
             Some(t) => t,
             None => create_table(lake, tref, &schema, options).await?,
         };
-        Self::from_table(lake, tref.clone(), table, app_id.into()).await
+        let mut w = Self::from_table(lake, tref.clone(), table, app_id.into()).await?;
+        w.properties = writer_properties(&options.unique_columns);
+        Ok(w)
     }
 
     /// Opens an existing table; `None` if it was never created.
@@ -172,7 +189,7 @@ impl TableWriter {
             schema,
             app_id,
             txn: None,
-            properties: writer_properties(),
+            properties: writer_properties(&[]),
             added: Vec::new(),
             storage_options: lake.storage_options().clone(),
         };

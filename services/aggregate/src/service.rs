@@ -548,6 +548,7 @@ async fn open_tables(lake: &Lake, contract: &Arc<Contract>) -> Result<Vec<GoldTa
             )),
             append_only: false,
             partition_columns: vec![],
+            unique_columns: vec![],
         };
         let writer =
             TableWriter::open_or_create(lake, &tref, state.table_schema.clone(), APP_ID, &options)

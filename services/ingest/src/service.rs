@@ -12,7 +12,7 @@ use medallion_bus::{Commit, Operation, headers, publish_commit, trace};
 use medallion_lake::{CommitOutcome, Lake, TableOptions, TableWriter, WriteMode};
 use medallion_runtime::metrics::PipelineMetrics;
 use medallion_runtime::{Runtime, failpoint};
-use medallion_spec::layout::bronze_schema;
+use medallion_spec::layout::{bronze, bronze_schema};
 use medallion_spec::{TableRef, parse_ingest_subject};
 use tracing::{Instrument, info, info_span, warn};
 
@@ -275,6 +275,7 @@ impl Ingest {
                 )),
                 append_only: true,
                 partition_columns: vec![],
+                unique_columns: vec![bronze::PAYLOAD.into(), bronze::MSG_ID.into()],
             };
             let w = TableWriter::open_or_create(
                 &self.lake,

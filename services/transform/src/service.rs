@@ -14,7 +14,7 @@ use medallion_bus::{Commit, Operation, publish_commit};
 use medallion_lake::{CommitOutcome, Lake, TableOptions, TableWriter, WriteMode, read_commit};
 use medallion_runtime::metrics::PipelineMetrics;
 use medallion_runtime::{Runtime, failpoint};
-use medallion_spec::layout::quarantine_schema;
+use medallion_spec::layout::{quarantine, quarantine_schema};
 use medallion_spec::{Contract, TableRef};
 use tracing::{Instrument, error, info, info_span, warn};
 
@@ -274,7 +274,8 @@ impl Transform {
                     self.rt
                         .health
                         .clear_problem(&format!("lake {}.{}", id.0, id.1));
-                    self.lake_backoff.succeeded(id);
+                    // Only a commit that lands resets the back-off: on a full
+                    // disk the tables open fine and the commit fails.
                     self.states.insert(id.clone(), s);
                 }
                 Err(e) => {
@@ -319,9 +320,13 @@ impl Transform {
         let health = self.rt.health.clone();
         let attempts = self.attempts.clone();
         let crash_exe = self.crash_exe.clone();
-        let Some(state) = self.state(id).await else {
+        if self.state(id).await.is_none() {
+            return;
+        }
+        let Some(state) = self.states.get_mut(id) else {
             return;
         };
+        let lake_backoff = &mut self.lake_backoff;
         if state.halted.is_some() {
             return;
         }
@@ -415,6 +420,7 @@ impl Transform {
                         Ok(()) => {
                             span.record("version", state.silver.version());
                             health.clear_problem(&format!("lake {product}"));
+                            lake_backoff.succeeded(id);
                         }
                         Err(e) => {
                             metrics
@@ -992,6 +998,11 @@ async fn open_state(lake: &Lake, contract: Arc<Contract>) -> Result<ProductState
         description: Some(contract.product.spec.description.clone()),
         append_only: false,
         partition_columns: vec![],
+        // A single-column key is unique in Silver by construction.
+        unique_columns: match contract.key() {
+            [k] => vec![k.clone()],
+            _ => vec![],
+        },
     };
     let silver = TableWriter::open_or_create(
         lake,
@@ -1012,6 +1023,7 @@ async fn open_state(lake: &Lake, contract: Arc<Contract>) -> Result<ProductState
         )),
         append_only: false,
         partition_columns: vec![],
+        unique_columns: vec![quarantine::PAYLOAD.into()],
     };
     let quarantine = TableWriter::open_or_create(
         lake,
