@@ -163,6 +163,24 @@ pub async fn start_services(
     (services, js)
 }
 
+/// One ndjson message of `n` payment events numbered from `first`, ids
+/// `<prefix><i>`, spread over three countries and three hours.
+pub fn payments_message(prefix: &str, first: usize, n: usize) -> Vec<u8> {
+    (first..first + n)
+        .map(|i| {
+            format!(
+                r#"{{"event_id":"{prefix}{i}","ts":"2026-11-29T1{}:00:00Z","user_id":"u{}","amount":{},"currency":"EUR","country":"{}"}}"#,
+                i % 3,
+                i % 9,
+                i % 30 + 1,
+                ["FR", "DE", "US"][i % 3]
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+        .into_bytes()
+}
+
 /// A plain HTTP/1.1 GET (enough for probes, /metrics and the catalog API):
 /// the status code and the body; `None` when nothing answers.
 pub async fn http_get(url: &str, bearer: Option<&str>) -> Option<(u16, String)> {

@@ -101,20 +101,7 @@ impl Drop for Tmpfs {
 }
 
 fn message(wave: usize, m: usize) -> Vec<u8> {
-    (0..PER_MESSAGE)
-        .map(|k| {
-            let i = (wave * MESSAGES + m) * PER_MESSAGE + k;
-            format!(
-                r#"{{"event_id":"d{i}","ts":"2026-11-29T1{}:00:00Z","user_id":"u{}","amount":{},"currency":"EUR","country":"{}"}}"#,
-                i % 3,
-                i % 9,
-                i % 30 + 1,
-                ["FR", "DE", "US"][i % 3]
-            )
-        })
-        .collect::<Vec<_>>()
-        .join("\n")
-        .into_bytes()
+    medallion_e2e::payments_message("d", (wave * MESSAGES + m) * PER_MESSAGE, PER_MESSAGE)
 }
 
 async fn produce(js: &async_nats::jetstream::Context, wave: usize) {

@@ -11,6 +11,8 @@
 //! dead-letter what kills the child). Moving past the start makes the next
 //! `begin` overwrite the entry, so no cleanup step is needed.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_nats::jetstream::{self, kv};
@@ -39,6 +41,12 @@ pub async fn open_bucket(js: &jetstream::Context, config: kv::Config) -> Result<
 #[derive(Clone)]
 pub struct Attempts {
     kv: kv::Store,
+    /// The start this process last recorded per key, and its count. Only the
+    /// first `begin` of a key in a process can find a predecessor's entry;
+    /// after that the entry is ours, and beginning the same start again is
+    /// this process retrying (a failed commit), not another death: it keeps
+    /// the count it had.
+    mine: Arc<Mutex<HashMap<String, (String, u32)>>>,
 }
 
 impl Attempts {
@@ -60,28 +68,42 @@ impl Attempts {
             stream: format!("KV_{ATTEMPTS_BUCKET}"),
             message,
         })?;
-        Ok(Attempts { kv })
+        Ok(Attempts {
+            kv,
+            mine: Default::default(),
+        })
     }
 
     /// Records that work on `key` starts at `start` and returns the number of
-    /// this attempt: 1, unless earlier attempts started at the same `start`
-    /// and never began anything after it.
+    /// processes that have begun it: 1, unless earlier processes started at
+    /// the same `start` and died before beginning anything after it.
     pub async fn begin(&self, key: &str, start: &str) -> Result<u32, BusError> {
         let err = |e: &dyn std::fmt::Display| BusError::Stream {
             stream: format!("KV_{ATTEMPTS_BUCKET}"),
             message: format!("{key}: {e}"),
         };
-        let earlier = self.kv.get(key).await.map_err(|e| err(&e))?;
-        let n = earlier
-            .as_deref()
-            .and_then(|v| std::str::from_utf8(v).ok())
-            .and_then(|v| parse(v, start))
-            .unwrap_or(0)
-            + 1;
+        let known = self.mine.lock().expect("not poisoned").get(key).cloned();
+        let n = match known {
+            Some((s, n)) if s == start => return Ok(n),
+            Some(_) => 1,
+            None => {
+                let earlier = self.kv.get(key).await.map_err(|e| err(&e))?;
+                earlier
+                    .as_deref()
+                    .and_then(|v| std::str::from_utf8(v).ok())
+                    .and_then(|v| parse(v, start))
+                    .unwrap_or(0)
+                    + 1
+            }
+        };
         self.kv
             .put(key, format!("{n} {start}").into())
             .await
             .map_err(|e| err(&e))?;
+        self.mine
+            .lock()
+            .expect("not poisoned")
+            .insert(key.to_string(), (start.to_string(), n));
         Ok(n)
     }
 }

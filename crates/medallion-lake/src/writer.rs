@@ -157,9 +157,8 @@ impl TableWriter {
             Some(t) => t,
             None => create_table(lake, tref, &schema, options).await?,
         };
-        let mut w = Self::from_table(lake, tref.clone(), table, app_id.into()).await?;
-        w.properties = writer_properties(&options.unique_columns);
-        Ok(w)
+        let properties = writer_properties(&options.unique_columns);
+        Self::from_table(lake, tref.clone(), table, app_id.into(), properties).await
     }
 
     /// Opens an existing table; `None` if it was never created.
@@ -170,7 +169,8 @@ impl TableWriter {
     ) -> Result<Option<TableWriter>, LakeError> {
         match open_table(lake, tref).await? {
             Some(t) => Ok(Some(
-                Self::from_table(lake, tref.clone(), t, app_id.into()).await?,
+                Self::from_table(lake, tref.clone(), t, app_id.into(), writer_properties(&[]))
+                    .await?,
             )),
             None => Ok(None),
         }
@@ -181,6 +181,7 @@ impl TableWriter {
         tref: TableRef,
         table: DeltaTable,
         app_id: String,
+        properties: WriterProperties,
     ) -> Result<TableWriter, LakeError> {
         let schema = table_schema(&tref, &table)?;
         let mut w = TableWriter {
@@ -189,7 +190,7 @@ impl TableWriter {
             schema,
             app_id,
             txn: None,
-            properties: writer_properties(&[]),
+            properties,
             added: Vec::new(),
             storage_options: lake.storage_options().clone(),
         };

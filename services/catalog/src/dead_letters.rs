@@ -4,10 +4,8 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Duration;
 
-use async_nats::jetstream::{self, consumer::DeliverPolicy};
-use futures::StreamExt;
+use async_nats::jetstream;
 use medallion_bus::headers;
 use serde::Serialize;
 use tokio::sync::RwLock;
@@ -48,76 +46,44 @@ fn product_of(subject: &str) -> Option<(&str, String)> {
     Some((stage, format!("{domain}.{product}")))
 }
 
-/// Folds the DLQ stream into a map, from its start, forever; after an
-/// interruption it starts over (rebuilt, not doubled).
+/// Folds the DLQ stream into dead letters per product (see
+/// [`crate::stream_fold`]); counting needs only the headers.
 pub fn follow(js: jetstream::Context) -> DeadLetterMap {
-    let map: DeadLetterMap = Default::default();
-    let m = map.clone();
-    tokio::spawn(async move {
-        loop {
-            if let Err(e) = fold(&js, &m).await {
-                tracing::warn!(error = %e, "dead letters interrupted; re-reading them");
-            }
-            tokio::time::sleep(Duration::from_secs(1)).await;
-        }
-    });
-    map
+    crate::stream_fold::follow(js, medallion_bus::streams::DLQ_STREAM, true, add)
 }
 
-async fn fold(js: &jetstream::Context, map: &DeadLetterMap) -> Result<(), String> {
-    let stream = js
-        .get_stream(medallion_bus::streams::DLQ_STREAM)
-        .await
-        .map_err(|e| e.to_string())?;
-    let consumer = stream
-        .create_consumer(jetstream::consumer::pull::OrderedConfig {
-            deliver_policy: DeliverPolicy::All,
-            // Counting needs only the headers, not the parked payloads.
-            headers_only: true,
-            ..Default::default()
-        })
-        .await
-        .map_err(|e| e.to_string())?;
-    let mut messages = consumer.messages().await.map_err(|e| e.to_string())?;
-    map.write().await.clear();
-    while let Some(m) = messages.next().await {
-        let m = m.map_err(|e| e.to_string())?;
-        let Some((stage, product)) = product_of(m.subject.as_str()) else {
-            continue;
-        };
-        let h = |name: &str| {
-            m.headers
-                .as_ref()
-                .and_then(|h| h.get(name))
-                .map(|v| v.as_str().to_string())
-                .unwrap_or_default()
-        };
-        let info = m.info().ok();
-        let last = LastDeadLetter {
-            stage: stage.to_string(),
-            dlq_subject: m.subject.to_string(),
-            dlq_sequence: info.as_ref().map(|i| i.stream_sequence).unwrap_or(0),
-            reason: h(headers::DLQ_REASON),
-            table: h(headers::DLQ_TABLE),
-            table_version: h(headers::DLQ_TABLE_VERSION),
-            source_sequence: h(headers::DLQ_SEQUENCE),
-            deliveries: h(headers::DLQ_DELIVERIES),
-            at: info
-                .map(|i| {
-                    chrono::DateTime::from_timestamp_nanos(
-                            i.published.unix_timestamp_nanos() as i64
-                        )
-                        .to_rfc3339()
-                })
-                .unwrap_or_default(),
-        };
-        let mut w = map.write().await;
-        let d = w.entry(product).or_default();
-        d.total += 1;
-        *d.by_stage.entry(stage.to_string()).or_default() += 1;
-        d.last = Some(last);
-    }
-    Err("dead-letter stream ended".into())
+fn add(map: &mut BTreeMap<String, DeadLetters>, m: &jetstream::Message) {
+    let Some((stage, product)) = product_of(m.subject.as_str()) else {
+        return;
+    };
+    let h = |name: &str| {
+        m.headers
+            .as_ref()
+            .and_then(|h| h.get(name))
+            .map(|v| v.as_str().to_string())
+            .unwrap_or_default()
+    };
+    let info = m.info().ok();
+    let last = LastDeadLetter {
+        stage: stage.to_string(),
+        dlq_subject: m.subject.to_string(),
+        dlq_sequence: info.as_ref().map(|i| i.stream_sequence).unwrap_or(0),
+        reason: h(headers::DLQ_REASON),
+        table: h(headers::DLQ_TABLE),
+        table_version: h(headers::DLQ_TABLE_VERSION),
+        source_sequence: h(headers::DLQ_SEQUENCE),
+        deliveries: h(headers::DLQ_DELIVERIES),
+        at: info
+            .map(|i| {
+                chrono::DateTime::from_timestamp_nanos(i.published.unix_timestamp_nanos() as i64)
+                    .to_rfc3339()
+            })
+            .unwrap_or_default(),
+    };
+    let d = map.entry(product).or_default();
+    d.total += 1;
+    *d.by_stage.entry(stage.to_string()).or_default() += 1;
+    d.last = Some(last);
 }
 
 #[cfg(test)]

@@ -18,6 +18,7 @@ pub mod quality;
 pub mod seed;
 mod service;
 mod specs_api;
+mod stream_fold;
 
 pub use config::CatalogConfig;
 pub use service::run;

@@ -4,14 +4,12 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Duration;
 
-use async_nats::jetstream::{self, consumer::DeliverPolicy};
-use futures::StreamExt;
+use async_nats::jetstream;
 use serde::{Deserialize, Serialize};
 use tokio::sync::RwLock;
 
-use medallion_bus::quality::{ExpectationCount as ExpectationTotals, QualityCounts};
+use medallion_bus::quality::QualityCounts;
 
 #[derive(Deserialize)]
 struct QualityEvent {
@@ -25,35 +23,16 @@ struct QualityEvent {
 #[derive(Debug, Clone, Default, Serialize, PartialEq)]
 pub struct QualityTotals {
     pub batches: u64,
-    pub rows_in: u64,
-    pub rows_out: u64,
-    pub quarantined: u64,
-    pub dropped: u64,
-    pub duplicates: u64,
-    pub invalid: u64,
-    pub dead_lettered: u64,
-    pub expectations: BTreeMap<String, ExpectationTotals>,
+    #[serde(flatten)]
+    pub counts: QualityCounts,
     pub last_batch_at: Option<String>,
     pub last_silver_version: Option<i64>,
 }
 
 impl QualityTotals {
     fn add(&mut self, e: QualityEvent) {
-        let c = e.counts;
         self.batches += 1;
-        self.rows_in += c.rows_in;
-        self.rows_out += c.rows_out;
-        self.quarantined += c.quarantined;
-        self.dropped += c.dropped;
-        self.duplicates += c.duplicates;
-        self.invalid += c.invalid;
-        self.dead_lettered += c.dead_lettered;
-        for (name, x) in c.expectations {
-            let t = self.expectations.entry(name).or_default();
-            t.action = x.action;
-            t.passed += x.passed;
-            t.failed += x.failed;
-        }
+        self.counts.add(&e.counts);
         self.last_batch_at = Some(e.at);
         self.last_silver_version = Some(e.silver_version);
     }
@@ -61,46 +40,16 @@ impl QualityTotals {
 
 pub type Quality = Arc<RwLock<BTreeMap<String, QualityTotals>>>;
 
-/// Folds the quality stream into `quality`, from its start, forever; after
-/// an interruption it starts over (the totals are rebuilt, not doubled).
+/// Folds the quality stream into totals per product (see [`crate::stream_fold`]).
 pub fn follow(js: jetstream::Context) -> Quality {
-    let quality: Quality = Default::default();
-    let q = quality.clone();
-    tokio::spawn(async move {
-        loop {
-            if let Err(e) = fold(&js, &q).await {
-                tracing::warn!(error = %e, "quality events interrupted; re-reading them");
+    crate::stream_fold::follow(
+        js,
+        medallion_bus::streams::QUALITY_STREAM,
+        false,
+        |q: &mut BTreeMap<String, QualityTotals>, m| {
+            if let Ok(e) = serde_json::from_slice::<QualityEvent>(&m.payload) {
+                q.entry(e.product.clone()).or_default().add(e);
             }
-            tokio::time::sleep(Duration::from_secs(1)).await;
-        }
-    });
-    quality
-}
-
-async fn fold(js: &jetstream::Context, quality: &Quality) -> Result<(), String> {
-    let stream = js
-        .get_stream(medallion_bus::streams::QUALITY_STREAM)
-        .await
-        .map_err(|e| e.to_string())?;
-    let consumer = stream
-        .create_consumer(jetstream::consumer::pull::OrderedConfig {
-            deliver_policy: DeliverPolicy::All,
-            ..Default::default()
-        })
-        .await
-        .map_err(|e| e.to_string())?;
-    let mut messages = consumer.messages().await.map_err(|e| e.to_string())?;
-    quality.write().await.clear();
-    while let Some(m) = messages.next().await {
-        let m = m.map_err(|e| e.to_string())?;
-        if let Ok(e) = serde_json::from_slice::<QualityEvent>(&m.payload) {
-            quality
-                .write()
-                .await
-                .entry(e.product.clone())
-                .or_default()
-                .add(e);
-        }
-    }
-    Err("quality stream ended".into())
+        },
+    )
 }

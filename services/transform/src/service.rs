@@ -685,11 +685,15 @@ fn isolate_killers(
 ) -> Vec<(usize, Vec<Poison>)> {
     let mut out = Vec::new();
     for (i, (v, b)) in inputs.iter_mut().enumerate() {
-        let Err(why) = check.run(*v, b) else {
-            continue;
-        };
-        warn!(product, bronze_version = *v, reason = %why, "the transform dies on these bronze records; isolating the ones that kill it");
+        // `isolate` runs the whole slice first: a slice the child survives
+        // costs one child.
         if let Some(iso) = poison::isolate(b, *v, max_deliver, |x| check.run(*v, x)) {
+            warn!(
+                product,
+                bronze_version = *v,
+                killers = iso.poison.len(),
+                "the transform dies on these bronze records; dead-lettering them"
+            );
             *b = iso.rest;
             out.push((i, iso.poison));
         }
