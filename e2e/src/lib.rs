@@ -58,6 +58,11 @@ impl Service {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// Whether the process has not exited (yet).
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.process.0.try_wait(), Ok(None))
+    }
+
     /// SIGTERM and wait: the graceful path (flush and commit, ack, flush telemetry).
     pub fn stop(&mut self) -> std::process::ExitStatus {
         let _ = Command::new("kill")
@@ -120,6 +125,15 @@ pub fn pipeline_vars(nats_url: &str, lake: &Path, addr_var: &str) -> BTreeMap<St
     .collect()
 }
 
+/// Every service's log, headed by its name: the context of a failed wait.
+pub fn services_logs(services: &[Service]) -> String {
+    services
+        .iter()
+        .map(|s| format!("--- {} ---\n{}", s.name, s.logs()))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 /// SIGTERM every service; each must exit cleanly (its log is in the failure).
 pub fn stop_all(services: &mut [Service]) {
     for s in services {
@@ -140,7 +154,7 @@ pub async fn start_services(
     logs: &Path,
     nats_url: String,
 ) -> (Vec<Service>, async_nats::jetstream::Context) {
-    let services = names
+    let services: Vec<Service> = names
         .iter()
         .zip(vars)
         .map(|(n, v)| Service::start(n, v, logs))
@@ -151,15 +165,16 @@ pub async fn start_services(
         .await
         .expect("connect to NATS");
     let js = async_nats::jetstream::new(client);
-    medallion_testkit::eventually(
-        std::time::Duration::from_secs(60),
-        "streams declared",
-        || {
-            let js = js.clone();
-            async move { js.get_stream("MEDALLION_INGEST").await.is_ok() }
-        },
-    )
-    .await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(90);
+    while js.get_stream("MEDALLION_INGEST").await.is_err() {
+        // The services' logs say why (e.g. a cluster that cannot place replicas).
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the services did not declare the streams within 90 s:\n{}",
+            services_logs(&services)
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
     (services, js)
 }
 

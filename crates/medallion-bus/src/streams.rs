@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::{
     self,
+    context::CreateStreamErrorKind,
     stream::{Config, DiscardPolicy, RetentionPolicy, StorageType},
 };
 
@@ -52,78 +53,60 @@ impl Default for StreamSettings {
 
 /// Declares every stream the platform uses; existing ones are updated to match.
 pub async fn ensure_streams(js: &jetstream::Context, s: &StreamSettings) -> Result<(), BusError> {
+    let mut configs = Vec::new();
     // Limits retention without age or count limits, discarding *new* messages
     // when full: a raw message leaves the bus only when ingest purges it after
     // its Bronze commit, so nothing unconsumed ever ages out, and a full stream
     // pushes back on publishers instead of dropping data. (Not work-queue
     // retention: ingest reads with an ordered consumer, which does not ack.)
-    ensure(
-        js,
-        Config {
-            name: INGEST_STREAM.into(),
-            subjects: vec![INGEST_SUBJECTS.into()],
-            retention: RetentionPolicy::Limits,
-            discard: DiscardPolicy::New,
-            max_bytes: s.ingest_max_bytes,
-            duplicate_window: s.duplicate_window,
-            description: Some("Raw events published by producers, until Bronze has them".into()),
-            ..base(s)
-        },
-    )
-    .await?;
+    configs.push(Config {
+        name: INGEST_STREAM.into(),
+        subjects: vec![INGEST_SUBJECTS.into()],
+        retention: RetentionPolicy::Limits,
+        discard: DiscardPolicy::New,
+        max_bytes: s.ingest_max_bytes,
+        duplicate_window: s.duplicate_window,
+        description: Some("Raw events published by producers, until Bronze has them".into()),
+        ..base(s)
+    });
     for (name, layer) in [
         (BRONZE_STREAM, "bronze"),
         (SILVER_STREAM, "silver"),
         (GOLD_STREAM, "gold"),
     ] {
-        ensure(
-            js,
-            Config {
-                name: name.into(),
-                subjects: vec![format!("medallion.{layer}.>")],
-                max_age: s.event_max_age,
-                duplicate_window: s.duplicate_window,
-                description: Some(format!("Rows of each {layer} commit, as Arrow IPC")),
-                ..base(s)
-            },
-        )
-        .await?;
+        configs.push(Config {
+            name: name.into(),
+            subjects: vec![format!("medallion.{layer}.>")],
+            max_age: s.event_max_age,
+            duplicate_window: s.duplicate_window,
+            description: Some(format!("Rows of each {layer} commit, as Arrow IPC")),
+            ..base(s)
+        });
     }
-    ensure(
-        js,
-        Config {
-            name: QUALITY_STREAM.into(),
-            subjects: vec![QUALITY_SUBJECTS.into()],
-            max_age: Duration::from_secs(30 * 24 * 3600),
-            description: Some("Per-batch quality counts from transform".into()),
-            ..base(s)
-        },
-    )
-    .await?;
-    ensure(
-        js,
-        Config {
-            name: DLQ_STREAM.into(),
-            subjects: vec![DLQ_SUBJECTS.into()],
-            description: Some(
-                "Messages a stage could not process after repeated deliveries".into(),
-            ),
-            ..base(s)
-        },
-    )
-    .await?;
-    ensure(
-        js,
-        Config {
-            name: AUDIT_STREAM.into(),
-            subjects: vec![AUDIT_SUBJECTS.into()],
-            deny_delete: true,
-            deny_purge: true,
-            description: Some("Every catalog read, denial and spec change".into()),
-            ..base(s)
-        },
-    )
-    .await?;
+    configs.push(Config {
+        name: QUALITY_STREAM.into(),
+        subjects: vec![QUALITY_SUBJECTS.into()],
+        max_age: Duration::from_secs(30 * 24 * 3600),
+        description: Some("Per-batch quality counts from transform".into()),
+        ..base(s)
+    });
+    configs.push(Config {
+        name: DLQ_STREAM.into(),
+        subjects: vec![DLQ_SUBJECTS.into()],
+        description: Some("Messages a stage could not process after repeated deliveries".into()),
+        ..base(s)
+    });
+    configs.push(Config {
+        name: AUDIT_STREAM.into(),
+        subjects: vec![AUDIT_SUBJECTS.into()],
+        deny_delete: true,
+        deny_purge: true,
+        description: Some("Every catalog read, denial and spec change".into()),
+        ..base(s)
+    });
+    // Concurrently: on a cluster each R3 stream waits for its raft group,
+    // seconds apiece right after the cluster forms.
+    futures::future::try_join_all(configs.into_iter().map(|c| ensure(js, c))).await?;
     Ok(())
 }
 
@@ -136,26 +119,63 @@ fn base(s: &StreamSettings) -> Config {
     }
 }
 
+/// How long a service waits at start for a JetStream cluster that cannot yet
+/// place the streams (a Helm install starts the services and the NATS pods
+/// together; a cluster elects its meta leader and learns its peers first).
+pub(crate) const CLUSTER_WAIT: Duration = Duration::from_secs(120);
+
 async fn ensure(js: &jetstream::Context, config: Config) -> Result<(), BusError> {
-    // Services start together and declare the same streams at once; the
-    // server's update-then-create can then race ("already in use"). The
-    // configs are identical, so retrying settles it.
-    let mut attempt = 0;
+    let started = std::time::Instant::now();
+    let mut attempt: u32 = 0;
     loop {
         match js.create_or_update_stream(config.clone()).await {
             Ok(_) => return Ok(()),
-            Err(e) if attempt < 5 => {
-                attempt += 1;
-                tracing::debug!(stream = %config.name, error = %e, attempt, "stream declaration raced; retrying");
-                tokio::time::sleep(std::time::Duration::from_millis(50 * attempt)).await;
-            }
             Err(e) => {
-                return Err(BusError::Stream {
-                    stream: config.name.clone(),
-                    message: e.to_string(),
-                });
+                attempt += 1;
+                let forming = cluster_not_ready(e.kind());
+                // Services start together and declare the same streams at
+                // once; the server's update-then-create can then race
+                // ("already in use"). The configs are identical, so a few
+                // quick retries settle it; a forming cluster gets longer.
+                let retry = if forming {
+                    started.elapsed() < CLUSTER_WAIT
+                } else {
+                    attempt <= 5
+                };
+                if !retry {
+                    return Err(BusError::Stream {
+                        stream: config.name.clone(),
+                        message: e.to_string(),
+                    });
+                }
+                let wait = Duration::from_millis(50 * u64::from(attempt.min(100)))
+                    .min(Duration::from_secs(2));
+                if forming {
+                    tracing::warn!(stream = %config.name, error = %e, attempt, "JetStream cannot place the stream yet; waiting for the cluster");
+                } else {
+                    tracing::debug!(stream = %config.name, error = %e, attempt, "stream declaration raced; retrying");
+                }
+                tokio::time::sleep(wait).await;
             }
         }
+    }
+}
+
+/// Errors of a JetStream that is up but not yet able to place a stream: no
+/// meta leader yet, or fewer known peers than replicas.
+fn cluster_not_ready(kind: CreateStreamErrorKind) -> bool {
+    use async_nats::jetstream::ErrorCode;
+    match kind {
+        CreateStreamErrorKind::JetStreamUnavailable | CreateStreamErrorKind::TimedOut => true,
+        CreateStreamErrorKind::JetStream(e) => [
+            ErrorCode::CLUSTER_NO_PEERS,
+            ErrorCode::CLUSTER_NOT_AVAILABLE,
+            ErrorCode::CLUSTER_NOT_ACTIVE,
+            ErrorCode::CLUSTER_NOT_LEADER,
+            ErrorCode::INSUFFICIENT_RESOURCES,
+        ]
+        .contains(&e.error_code()),
+        _ => false,
     }
 }
 
@@ -167,5 +187,22 @@ impl StreamSettings {
             event_max_age: env.duration("MEDALLION_EVENT_MAX_AGE"),
             ingest_max_bytes: env.i64("MEDALLION_INGEST_MAX_BYTES"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_forming_cluster_is_waited_for_and_a_bad_config_is_not() {
+        assert!(cluster_not_ready(
+            CreateStreamErrorKind::JetStreamUnavailable
+        ));
+        assert!(cluster_not_ready(CreateStreamErrorKind::TimedOut));
+        assert!(!cluster_not_ready(CreateStreamErrorKind::InvalidStreamName));
+        assert!(!cluster_not_ready(
+            CreateStreamErrorKind::DomainAndExternalSet
+        ));
     }
 }

@@ -53,6 +53,7 @@ pub async fn run(config: IngestConfig, rt: Runtime) -> anyhow::Result<()> {
     };
     rt.health.set_started();
 
+    let mut consumer_name = ConsumerName::default();
     while !rt.shutdown.is_cancelled() {
         // Everything still in the stream is not yet known to be in Bronze: start there.
         let first = match stream.info().await {
@@ -63,9 +64,16 @@ pub async fn run(config: IngestConfig, rt: Runtime) -> anyhow::Result<()> {
                 continue;
             }
         };
+        // Re-reading under the old name fails ("start sequence can not be
+        // updated") for as long as the old consumer exists, and on a cluster
+        // whose node hosting it died that is until the node returns: delete it
+        // and use a fresh name.
+        if let Some(old) = consumer_name.previous() {
+            let _ = stream.delete_consumer(&old).await;
+        }
         let consumer = match stream
             .create_consumer(OrderedConfig {
-                name: Some("medallion-ingest".into()),
+                name: Some(consumer_name.next()),
                 filter_subject: INGEST_SUBJECTS.into(),
                 deliver_policy: DeliverPolicy::ByStartSequence {
                     start_sequence: first,
@@ -139,6 +147,34 @@ pub async fn run(config: IngestConfig, rt: Runtime) -> anyhow::Result<()> {
     info!("ingest stopping: flushing NATS");
     medallion_bus::flush_for_shutdown(&client, std::time::Duration::from_secs(5)).await;
     Ok(())
+}
+
+/// Names of this process's successive ordered consumers:
+/// `medallion-ingest-<pid>-<start ms>-<n>`, unique across restarts and replicas.
+struct ConsumerName {
+    prefix: String,
+    n: u64,
+}
+
+impl Default for ConsumerName {
+    fn default() -> Self {
+        ConsumerName {
+            prefix: format!("{APP_ID}-{}-{}", std::process::id(), now_us() / 1000),
+            n: 0,
+        }
+    }
+}
+
+impl ConsumerName {
+    fn next(&mut self) -> String {
+        self.n += 1;
+        format!("{}-{}", self.prefix, self.n)
+    }
+
+    /// The last name handed out, if any.
+    fn previous(&self) -> Option<String> {
+        (self.n > 0).then(|| format!("{}-{}", self.prefix, self.n))
+    }
 }
 
 /// How long the ingest consumer may hear nothing before its liveness is checked.
