@@ -10,6 +10,7 @@ pub mod dlq;
 mod error;
 pub mod event;
 pub mod headers;
+pub mod horizon;
 pub mod quality;
 pub mod registry;
 pub mod streams;

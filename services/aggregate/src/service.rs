@@ -62,6 +62,7 @@ pub async fn run(config: AggregateConfig, rt: Runtime) -> anyhow::Result<()> {
         rt: rt.clone(),
         max_deliver: config.max_deliver,
         lake_backoff: Default::default(),
+        tick_horizon: Default::default(),
     };
     a.reload(&source).await;
     rt.health.set_started();
@@ -74,7 +75,7 @@ pub async fn run(config: AggregateConfig, rt: Runtime) -> anyhow::Result<()> {
                 a.reload(&source).await;
                 let ids: Vec<ProductId> = a.products.contracts.keys().cloned().collect();
                 for id in ids {
-                    a.catch_up(&id, &mut BTreeMap::new(), &[]).await;
+                    a.catch_up(&id, &mut BTreeMap::new(), &[], true).await;
                 }
             }
             batch = next_batch(&mut messages, config.batch, &rt.shutdown) => match batch {
@@ -112,6 +113,8 @@ struct Aggregate {
     /// Products whose Gold tables failed to open or commit: retried with a
     /// growing wait, not on every tick and event.
     lake_backoff: medallion_runtime::backoff::Backoff<ProductId>,
+    /// What the timer may take from Silver without its event.
+    tick_horizon: medallion_bus::horizon::TickHorizon<ProductId>,
 }
 
 /// One Gold table: its writer, its in-memory groups, and which data file
@@ -147,7 +150,7 @@ impl Aggregate {
         for (table, mut announced) in tables {
             let id = (table.domain.clone(), table.name.clone());
             if self.products.contracts.contains_key(&id) {
-                self.catch_up(&id, &mut announced.rows, &announced.links)
+                self.catch_up(&id, &mut announced.rows, &announced.links, false)
                     .await;
             }
         }
@@ -193,12 +196,18 @@ impl Aggregate {
         id: &ProductId,
         fast: &mut BTreeMap<i64, Vec<RecordBatch>>,
         links: &[String],
+        from_tick: bool,
     ) {
         let silver_ref = TableRef::silver(&id.0, &id.1);
         let Ok(Some(silver)) = self.upstream.latest(&self.lake, &silver_ref).await else {
             return;
         };
         let latest = silver.version().map(|v| v as i64).unwrap_or(-1);
+        let latest = if from_tick {
+            self.tick_horizon.through(id, latest)
+        } else {
+            latest
+        };
         if !self.open(id).await {
             return;
         }

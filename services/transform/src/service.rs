@@ -90,6 +90,7 @@ pub async fn run(config: TransformConfig, rt: Runtime) -> anyhow::Result<()> {
         lake_backoff: Default::default(),
         attempts,
         crash_exe,
+        tick_horizon: Default::default(),
     };
     t.reload(&source).await;
     rt.health.set_started();
@@ -156,6 +157,8 @@ struct Transform {
     attempts: Option<medallion_bus::attempts::Attempts>,
     /// This service's binary, run as a child to check a step that killed a process.
     crash_exe: Option<std::path::PathBuf>,
+    /// What the timer may take from Bronze without its event.
+    tick_horizon: medallion_bus::horizon::TickHorizon<ProductId>,
 }
 
 struct ProductState {
@@ -239,7 +242,7 @@ impl Transform {
     async fn catch_up_all(&mut self) {
         let ids: Vec<ProductId> = self.products.contracts.keys().cloned().collect();
         for id in ids {
-            self.catch_up(&id, &mut BTreeMap::new(), &[]).await;
+            self.catch_up(&id, &mut BTreeMap::new(), &[], true).await;
         }
     }
 
@@ -254,7 +257,7 @@ impl Transform {
         for (table, mut announced) in tables {
             let id = (table.domain.clone(), table.name.clone());
             if self.products.contracts.contains_key(&id) {
-                self.catch_up(&id, &mut announced.rows, &announced.links)
+                self.catch_up(&id, &mut announced.rows, &announced.links, false)
                     .await;
             }
         }
@@ -305,12 +308,18 @@ impl Transform {
         id: &ProductId,
         fast: &mut BTreeMap<i64, Vec<RecordBatch>>,
         links: &[String],
+        from_tick: bool,
     ) {
         let bronze_ref = TableRef::bronze(&id.0, &id.1);
         let Ok(Some(bronze)) = self.upstream.latest(&self.lake, &bronze_ref).await else {
             return;
         };
         let latest = bronze.version().map(|v| v as i64).unwrap_or(-1);
+        let latest = if from_tick {
+            self.tick_horizon.through(id, latest)
+        } else {
+            latest
+        };
         let pii_key = self.pii_key.clone();
         let max_rows = self.max_rows;
         let max_deliver = self.max_deliver;
@@ -474,7 +483,7 @@ impl Transform {
         state.halted = None;
         let generation = state.generation;
         info!(product, generation, "replay: rebuilding silver from bronze");
-        self.catch_up(&id, &mut BTreeMap::new(), &[]).await;
+        self.catch_up(&id, &mut BTreeMap::new(), &[], false).await;
         match self.states.get(&id) {
             Some(s) if s.generation == generation => format!(
                 "ok: silver.{product} rebuilt from bronze up to version {} (silver version {})",
