@@ -29,30 +29,26 @@ pub async fn stage_consumer(
     let started = std::time::Instant::now();
     let mut attempt: u32 = 0;
     loop {
-        let created = match js.get_stream(stream).await {
-            Ok(s) => s
-                .create_consumer(pull::Config {
-                    durable_name: Some(durable.to_string()),
-                    filter_subject: filter.to_string(),
-                    ack_policy: AckPolicy::Explicit,
-                    ack_wait,
-                    max_ack_pending: 10_000,
-                    ..Default::default()
-                })
-                .await
-                .map_err(|e| e.to_string()),
-            Err(e) => Err(e.to_string()),
-        };
+        let s = crate::streams::open_stream(js, stream)
+            .await
+            .map_err(|e| err(e.to_string()))?;
+        let created = s
+            .create_consumer(pull::Config {
+                durable_name: Some(durable.to_string()),
+                filter_subject: filter.to_string(),
+                ack_policy: AckPolicy::Explicit,
+                ack_wait,
+                max_ack_pending: 10_000,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| e.to_string());
         match created {
             Ok(c) => return Ok(c),
             Err(e) if started.elapsed() < crate::streams::CLUSTER_WAIT => {
                 attempt += 1;
                 tracing::warn!(consumer = durable, %stream, error = %e, attempt, "cannot create the consumer yet; retrying");
-                tokio::time::sleep(
-                    Duration::from_millis(100 * u64::from(attempt.min(20)))
-                        .min(Duration::from_secs(2)),
-                )
-                .await;
+                tokio::time::sleep(crate::streams::retry_wait(attempt)).await;
             }
             Err(e) => return Err(err(e)),
         }

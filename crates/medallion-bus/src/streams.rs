@@ -161,6 +161,38 @@ async fn ensure(js: &jetstream::Context, config: Config) -> Result<(), BusError>
     }
 }
 
+/// Opens a declared stream at start. Right after a cluster forms (or loses
+/// a node) a stream's info request can time out while its raft group elects
+/// a leader: retried with back-off, as long as a declaration would wait.
+pub async fn open_stream(
+    js: &jetstream::Context,
+    name: &str,
+) -> Result<jetstream::stream::Stream, BusError> {
+    let started = std::time::Instant::now();
+    let mut attempt: u32 = 0;
+    loop {
+        match js.get_stream(name).await {
+            Ok(s) => return Ok(s),
+            Err(e) if started.elapsed() < CLUSTER_WAIT => {
+                attempt += 1;
+                tracing::warn!(stream = name, error = %e, attempt, "cannot open the stream yet; retrying");
+                tokio::time::sleep(retry_wait(attempt)).await;
+            }
+            Err(e) => {
+                return Err(BusError::Stream {
+                    stream: name.to_string(),
+                    message: e.to_string(),
+                });
+            }
+        }
+    }
+}
+
+/// 100 ms more per attempt, at most 2 s.
+pub(crate) fn retry_wait(attempt: u32) -> Duration {
+    Duration::from_millis(100 * u64::from(attempt.min(20)))
+}
+
 /// Errors of a JetStream that is up but not yet able to place a stream: no
 /// meta leader yet, or fewer known peers than replicas.
 fn cluster_not_ready(kind: CreateStreamErrorKind) -> bool {

@@ -34,8 +34,7 @@ pub async fn run(config: IngestConfig, rt: Runtime) -> anyhow::Result<()> {
     let addr = rt.serve_http(config.addr, axum::Router::new()).await?;
     info!(%addr, lake = %lake.root(), nats = %config.nats.url, "ingest started");
 
-    let mut stream = js
-        .get_stream(INGEST_STREAM)
+    let mut stream = medallion_bus::streams::open_stream(&js, INGEST_STREAM)
         .await
         .context("opening the ingest stream")?;
     // The stream's creation time scopes the transaction ids: if the stream is
