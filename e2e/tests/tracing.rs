@@ -300,35 +300,53 @@ async fn one_trace_per_event_across_the_stages() {
     })
     .await;
     let wanted: BTreeSet<String> = (0..N).map(trace_id).collect();
-    eventually(
-        Duration::from_secs(30),
-        "spans of all three stages",
-        || async {
-            let spans = collector.spans();
-            let names: BTreeSet<(String, String)> = spans
+    // What is still missing: traces without a stage, batch spans not seen.
+    let missing = |spans: &[SpanSeen]| -> Vec<String> {
+        let mut out = Vec::new();
+        for t in &wanted {
+            let services: BTreeSet<&str> = spans
+                .iter()
+                .filter(|s| &s.trace_id == t)
+                .map(|s| s.service.as_str())
+                .collect();
+            for s in [
+                "medallion-ingest",
+                "medallion-transform",
+                "medallion-aggregate",
+            ] {
+                if !services.contains(s) {
+                    out.push(format!("trace {t} has no {s} span"));
+                }
+            }
+        }
+        for (_, name) in BATCH_SPANS {
+            if !spans.iter().any(|s| s.name == name) {
+                out.push(format!("no {name} span"));
+            }
+        }
+        out
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let gaps = missing(&collector.spans());
+        if gaps.is_empty() {
+            break;
+        }
+        if std::time::Instant::now() > deadline {
+            let names: BTreeSet<(String, String)> = collector
+                .spans()
                 .iter()
                 .map(|s| (s.service.clone(), s.name.clone()))
                 .collect();
-            eprintln!("NAMES {names:?}");
-            wanted.iter().all(|t| {
-                let services: BTreeSet<&str> = spans
-                    .iter()
-                    .filter(|s| &s.trace_id == t)
-                    .map(|s| s.service.as_str())
-                    .collect();
-                [
-                    "medallion-ingest",
-                    "medallion-transform",
-                    "medallion-aggregate",
-                ]
-                .iter()
-                .all(|s| services.contains(s))
-            }) && BATCH_SPANS
-                .iter()
-                .all(|(_, name)| spans.iter().any(|s| s.name == *name))
-        },
-    )
-    .await;
+            panic!(
+                "spans of all three stages did not arrive within 30 s: {} gaps, first {:?}\nspan names seen: {names:?}\n{}",
+                gaps.len(),
+                &gaps[..gaps.len().min(5)],
+                medallion_e2e::services_logs(&p.services)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let spans = collector.spans();
     if let Ok(path) = std::env::var("MEDALLION_E2E_SPAN_DUMP") {
         std::fs::write(path, format!("{spans:#?}")).unwrap();

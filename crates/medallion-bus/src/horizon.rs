@@ -32,6 +32,40 @@ impl<K: Hash + Eq + Clone> TickHorizon<K> {
     }
 }
 
+/// Trace contexts of events whose versions could not be processed when the
+/// event came (tables not open, a failed commit): kept for whichever pass
+/// processes those versions next, the timer's included, so the traces do
+/// not end at the previous stage. At most `MAX_LINKS` per key.
+pub struct PendingLinks<K> {
+    links: HashMap<K, Vec<String>>,
+}
+
+impl<K> Default for PendingLinks<K> {
+    fn default() -> Self {
+        PendingLinks {
+            links: HashMap::new(),
+        }
+    }
+}
+
+impl<K: Hash + Eq + Clone> PendingLinks<K> {
+    /// The links for a pass: those kept from earlier events, then `new`.
+    pub fn take(&mut self, key: &K, new: &[String]) -> Vec<String> {
+        let mut out = self.links.remove(key).unwrap_or_default();
+        out.extend_from_slice(new);
+        out
+    }
+
+    /// Keeps the links of a pass that processed nothing, for the next one.
+    pub fn keep(&mut self, key: &K, mut links: Vec<String>) {
+        if links.is_empty() {
+            return;
+        }
+        links.truncate(crate::event::MAX_LINKS);
+        self.links.insert(key.clone(), links);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -49,5 +83,22 @@ mod tests {
         assert_eq!(h.through(&"q", 0), -1, "per table");
         // A table re-created with fewer versions is not read past its end.
         assert_eq!(h.through(&"p", 1), 1);
+    }
+
+    #[test]
+    fn links_wait_for_the_pass_that_processes_their_versions() {
+        let mut p = PendingLinks::default();
+        let first = p.take(&"p", &["a".to_string()]);
+        assert_eq!(first, ["a"]);
+        p.keep(&"p", first);
+        assert_eq!(p.take(&"p", &["b".to_string()]), ["a", "b"]);
+        assert!(p.take(&"p", &[]).is_empty(), "taken once");
+        p.keep(
+            &"p",
+            (0..crate::event::MAX_LINKS + 5)
+                .map(|i| i.to_string())
+                .collect(),
+        );
+        assert_eq!(p.take(&"p", &[]).len(), crate::event::MAX_LINKS);
     }
 }

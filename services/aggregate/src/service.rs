@@ -63,6 +63,7 @@ pub async fn run(config: AggregateConfig, rt: Runtime) -> anyhow::Result<()> {
         max_deliver: config.max_deliver,
         lake_backoff: Default::default(),
         tick_horizon: Default::default(),
+        pending_links: Default::default(),
     };
     a.reload(&source).await;
     rt.health.set_started();
@@ -115,6 +116,8 @@ struct Aggregate {
     lake_backoff: medallion_runtime::backoff::Backoff<ProductId>,
     /// What the timer may take from Silver without its event.
     tick_horizon: medallion_bus::horizon::TickHorizon<ProductId>,
+    /// Trace contexts of Silver events whose versions are not processed yet.
+    pending_links: medallion_bus::horizon::PendingLinks<ProductId>,
 }
 
 /// One Gold table: its writer, its in-memory groups, and which data file
@@ -198,9 +201,24 @@ impl Aggregate {
         links: &[String],
         from_tick: bool,
     ) {
+        let links = self.pending_links.take(id, links);
+        if !self.catch_up_pass(id, fast, &links, from_tick).await {
+            self.pending_links.keep(id, links);
+        }
+    }
+
+    /// One pass over the upstream versions; false when it could not look
+    /// (tables not open, a failed commit), so the links are kept.
+    async fn catch_up_pass(
+        &mut self,
+        id: &ProductId,
+        fast: &mut BTreeMap<i64, Vec<RecordBatch>>,
+        links: &[String],
+        from_tick: bool,
+    ) -> bool {
         let silver_ref = TableRef::silver(&id.0, &id.1);
         let Ok(Some(silver)) = self.upstream.latest(&self.lake, &silver_ref).await else {
-            return;
+            return false;
         };
         let latest = silver.version().map(|v| v as i64).unwrap_or(-1);
         let latest = if from_tick {
@@ -209,7 +227,7 @@ impl Aggregate {
             latest
         };
         if !self.open(id).await {
-            return;
+            return false;
         }
         let max_deliver = self.max_deliver;
         let (js, max_payload, metrics, lake) = (
@@ -262,13 +280,14 @@ impl Aggregate {
                         warn!(product, attempt, error = %e, "gold commit failed; retrying from the tables");
                         self.rt.health.set_problem(format!("gold {product}"), e);
                         self.states.remove(id);
-                        return;
+                        return false;
                     }
                 }
             }
         }
         self.rt.health.clear_problem(&format!("gold {product}"));
         self.lake_backoff.succeeded(id);
+        true
     }
 }
 

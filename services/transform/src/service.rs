@@ -91,6 +91,7 @@ pub async fn run(config: TransformConfig, rt: Runtime) -> anyhow::Result<()> {
         attempts,
         crash_exe,
         tick_horizon: Default::default(),
+        pending_links: Default::default(),
     };
     t.reload(&source).await;
     rt.health.set_started();
@@ -159,6 +160,8 @@ struct Transform {
     crash_exe: Option<std::path::PathBuf>,
     /// What the timer may take from Bronze without its event.
     tick_horizon: medallion_bus::horizon::TickHorizon<ProductId>,
+    /// Trace contexts of Bronze events whose versions are not processed yet.
+    pending_links: medallion_bus::horizon::PendingLinks<ProductId>,
 }
 
 struct ProductState {
@@ -310,9 +313,24 @@ impl Transform {
         links: &[String],
         from_tick: bool,
     ) {
+        let links = self.pending_links.take(id, links);
+        if !self.catch_up_pass(id, fast, &links, from_tick).await {
+            self.pending_links.keep(id, links);
+        }
+    }
+
+    /// One pass over the upstream versions; false when it could not look
+    /// (tables not open, a failed commit), so the links are kept.
+    async fn catch_up_pass(
+        &mut self,
+        id: &ProductId,
+        fast: &mut BTreeMap<i64, Vec<RecordBatch>>,
+        links: &[String],
+        from_tick: bool,
+    ) -> bool {
         let bronze_ref = TableRef::bronze(&id.0, &id.1);
         let Ok(Some(bronze)) = self.upstream.latest(&self.lake, &bronze_ref).await else {
-            return;
+            return false;
         };
         let latest = bronze.version().map(|v| v as i64).unwrap_or(-1);
         let latest = if from_tick {
@@ -330,14 +348,14 @@ impl Transform {
         let attempts = self.attempts.clone();
         let crash_exe = self.crash_exe.clone();
         if self.state(id).await.is_none() {
-            return;
+            return false;
         }
         let Some(state) = self.states.get_mut(id) else {
-            return;
+            return false;
         };
         let lake_backoff = &mut self.lake_backoff;
         if state.halted.is_some() {
-            return;
+            return false;
         }
         while state.processed < latest {
             // A crash between the quarantine and the Silver commit leaves
@@ -440,7 +458,7 @@ impl Transform {
                             health.set_problem(format!("lake {product}"), e);
                             self.states.remove(id);
                             self.lake_backoff.failed(id.clone());
-                            return;
+                            return false;
                         }
                     }
                     if let Some(h) = halt {
@@ -448,7 +466,7 @@ impl Transform {
                         metrics.product_failed.with_label_values(&[&product]).set(1);
                         health.set_problem(format!("product {product}"), h.clone());
                         state.halted = Some(h);
-                        return;
+                        return false;
                     }
                 }
                 Err(e) => {
@@ -457,10 +475,11 @@ impl Transform {
                         .with_label_values(&["transform", "read"])
                         .inc();
                     warn!(product, error = %e, "cannot read bronze; retrying on the next tick");
-                    return;
+                    return false;
                 }
             }
         }
+        true
     }
 
     /// Full refresh of one product's Silver from Bronze; earlier versions stay
