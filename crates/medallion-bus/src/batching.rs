@@ -85,6 +85,75 @@ where
     Batch::Messages(batch)
 }
 
+/// A micro-batch being filled, kept across calls of [`Batcher::next`]: a
+/// service's `select!` also waits for ticks and spec changes, and a
+/// [`next_batch`] future dropped mid-batch loses the messages it pulled (they
+/// come back only after the ack wait, and the tick reads their versions from
+/// the table without their traces). Polling `stream.next()` is cancel-safe,
+/// so keeping the rest here makes `next` cancel-safe.
+pub struct Batcher<S> {
+    pub stream: S,
+    limits: BatchLimits,
+    pending: Vec<Message>,
+    bytes: usize,
+    deadline: Option<Instant>,
+}
+
+impl<S, E> Batcher<S>
+where
+    S: Stream<Item = Result<Message, E>> + Unpin,
+    E: std::fmt::Display,
+{
+    pub fn new(stream: S, limits: BatchLimits) -> Self {
+        Batcher {
+            stream,
+            limits,
+            pending: Vec::new(),
+            bytes: 0,
+            deadline: None,
+        }
+    }
+
+    /// The same batches as [`next_batch`], cancel-safe.
+    pub async fn next(&mut self, shutdown: &CancellationToken) -> Batch {
+        loop {
+            if !self.pending.is_empty()
+                && (self.pending.len() >= self.limits.messages || self.bytes >= self.limits.bytes)
+            {
+                return Batch::Messages(self.take());
+            }
+            let item = match self.deadline {
+                None => tokio::select! {
+                    _ = shutdown.cancelled() => return Batch::Shutdown,
+                    m = self.stream.next() => m,
+                },
+                Some(deadline) => match tokio::time::timeout_at(deadline, self.stream.next()).await
+                {
+                    Err(_) => return Batch::Messages(self.take()),
+                    Ok(m) => m,
+                },
+            };
+            match item {
+                Some(Ok(m)) => {
+                    if self.deadline.is_none() {
+                        self.deadline = Some(Instant::now() + self.limits.wait);
+                    }
+                    self.bytes += m.payload.len();
+                    self.pending.push(m);
+                }
+                Some(Err(e)) => return Batch::Broken(self.take(), e.to_string()),
+                None => return Batch::Broken(self.take(), "message stream ended".into()),
+            }
+        }
+    }
+
+    fn take(&mut self) -> Vec<Message> {
+        self.deadline = None;
+        self.bytes = 0;
+        std::mem::take(&mut self.pending)
+    }
+}
+
 impl BatchLimits {
     pub fn from_env(env: &mut medallion_runtime::EnvReader) -> Self {
         BatchLimits {

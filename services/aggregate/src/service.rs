@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use arrow::array::RecordBatch;
 use async_nats::jetstream;
-use medallion_bus::batching::{Batch, next_batch};
+use medallion_bus::batching::{Batch, Batcher};
 use medallion_bus::registry::{SpecSource, sync_specs};
 use medallion_bus::streams::SILVER_STREAM;
 use medallion_bus::{Commit, Operation, publish_commit};
@@ -50,7 +50,10 @@ pub async fn run(config: AggregateConfig, rt: Runtime) -> anyhow::Result<()> {
     )
     .await
     .context("creating the silver consumer")?;
-    let mut messages = consumer.messages().await.context("pulling silver events")?;
+    let mut events = Batcher::new(
+        consumer.messages().await.context("pulling silver events")?,
+        config.batch,
+    );
     let mut a = Aggregate {
         lake,
         js,
@@ -79,16 +82,16 @@ pub async fn run(config: AggregateConfig, rt: Runtime) -> anyhow::Result<()> {
                     a.catch_up(&id, &mut BTreeMap::new(), &[], true).await;
                 }
             }
-            batch = next_batch(&mut messages, config.batch, &rt.shutdown) => match batch {
+            batch = events.next(&rt.shutdown) => match batch {
                 Batch::Shutdown => break,
-                // Without an idle period `next_batch` waits for a message.
+                // Without an idle period the batcher waits for a message.
                 Batch::Idle => {}
                 Batch::Messages(msgs) => a.on_events(msgs).await,
                 Batch::Broken(msgs, e) => {
                     warn!(error = %e, "silver event stream interrupted; re-subscribing");
                     a.on_events(msgs).await;
                     match consumer.messages().await {
-                        Ok(m) => messages = m,
+                        Ok(m) => events.stream = m,
                         Err(_) => tokio::time::sleep(Duration::from_secs(1)).await,
                     }
                 }

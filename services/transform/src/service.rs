@@ -8,7 +8,7 @@ use anyhow::Context as _;
 use arrow::array::RecordBatch;
 use async_nats::jetstream;
 use futures::StreamExt;
-use medallion_bus::batching::{Batch, next_batch};
+use medallion_bus::batching::{Batch, Batcher};
 use medallion_bus::streams::BRONZE_STREAM;
 use medallion_bus::{Commit, Operation, publish_commit};
 use medallion_lake::{CommitOutcome, Lake, TableOptions, TableWriter, WriteMode, read_commit};
@@ -70,7 +70,10 @@ pub async fn run(config: TransformConfig, rt: Runtime) -> anyhow::Result<()> {
     )
     .await
     .context("creating the bronze consumer")?;
-    let mut messages = consumer.messages().await.context("pulling bronze events")?;
+    let mut events = Batcher::new(
+        consumer.messages().await.context("pulling bronze events")?,
+        config.batch,
+    );
     let mut replays = client
         .subscribe(REPLAY_SUBJECT)
         .await
@@ -112,16 +115,16 @@ pub async fn run(config: TransformConfig, rt: Runtime) -> anyhow::Result<()> {
                     let _ = client.publish(reply, answer.into()).await;
                 }
             }
-            batch = next_batch(&mut messages, config.batch, &rt.shutdown) => match batch {
+            batch = events.next(&rt.shutdown) => match batch {
                 Batch::Shutdown => break,
-                // Without an idle period `next_batch` waits for a message.
+                // Without an idle period the batcher waits for a message.
                 Batch::Idle => {}
                 Batch::Messages(msgs) => t.on_events(msgs).await,
                 Batch::Broken(msgs, e) => {
                     warn!(error = %e, "bronze event stream interrupted; re-subscribing");
                     t.on_events(msgs).await;
                     match consumer.messages().await {
-                        Ok(m) => messages = m,
+                        Ok(m) => events.stream = m,
                         Err(e) => {
                             t.rt.health.set_problem("nats", format!("cannot pull bronze events: {e}"));
                             tokio::time::sleep(Duration::from_secs(1)).await;
