@@ -97,6 +97,34 @@ impl Service {
     }
 }
 
+/// The three pipeline services, in the order their settings come from
+/// [`lake_fault_vars`].
+pub const PIPELINE: [&str; 3] = [
+    "medallion-ingest",
+    "medallion-transform",
+    "medallion-aggregate",
+];
+
+/// Settings of the three pipeline services for tests that break the lake:
+/// small batches, a short ack wait so redeliveries come within the test, no
+/// telemetry export.
+pub fn lake_fault_vars(nats_url: &str, lake: &Path) -> Vec<BTreeMap<String, String>> {
+    [
+        "MEDALLION_INGEST_ADDR",
+        "MEDALLION_TRANSFORM_ADDR",
+        "MEDALLION_AGGREGATE_ADDR",
+    ]
+    .iter()
+    .map(|a| {
+        let mut v = pipeline_vars(nats_url, lake, a);
+        v.insert("MEDALLION_BATCH_ROWS".into(), "500".into());
+        v.insert("MEDALLION_ACK_WAIT".into(), "5s".into());
+        v.insert("OTEL_SDK_DISABLED".into(), "true".into());
+        v
+    })
+    .collect()
+}
+
 /// The settings every pipeline service gets in these tests: specs from the
 /// repository's `products/` folder (no catalog), short batch waits, and its
 /// health/metrics address on a free port.

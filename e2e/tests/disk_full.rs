@@ -21,14 +21,14 @@
 //! Mounting needs root (CAP_SYS_ADMIN); without it the test says so and
 //! returns without asserting anything.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use arrow::array::{Array, AsArray};
-use medallion_e2e::{Service, gold_payments, metric, pipeline_vars, read_table, readyz, row_count};
+use medallion_e2e::{Service, gold_payments, metric, read_table, readyz, row_count};
 use medallion_testkit::{NatsServer, eventually};
 
 const MESSAGES: usize = 300;
@@ -234,30 +234,13 @@ async fn a_full_disk_delays_but_loses_and_duplicates_nothing() {
 
     let nats = NatsServer::start();
     let logs = tempfile::tempdir().unwrap();
-    let names = [
-        "medallion-ingest",
-        "medallion-transform",
-        "medallion-aggregate",
-    ];
-    let vars: Vec<BTreeMap<String, String>> = [
-        "MEDALLION_INGEST_ADDR",
-        "MEDALLION_TRANSFORM_ADDR",
-        "MEDALLION_AGGREGATE_ADDR",
-    ]
-    .iter()
-    .map(|a| {
-        let mut v = pipeline_vars(&nats.url(), &lake, a);
-        v.insert("MEDALLION_BATCH_ROWS".into(), "500".into());
-        v.insert("MEDALLION_ACK_WAIT".into(), "5s".into());
-        v.insert("OTEL_SDK_DISABLED".into(), "true".into());
-        v
-    })
-    .collect();
+    let vars = medallion_e2e::lake_fault_vars(&nats.url(), &lake);
     let ingest_addr = vars[0]["MEDALLION_INGEST_ADDR"].clone();
     let transform_addr = vars[1]["MEDALLION_TRANSFORM_ADDR"].clone();
     let aggregate_addr = vars[2]["MEDALLION_AGGREGATE_ADDR"].clone();
     let (mut services, js) =
-        medallion_e2e::start_services(&names, &vars, logs.path(), nats.url()).await;
+        medallion_e2e::start_services(&medallion_e2e::PIPELINE, &vars, logs.path(), nats.url())
+            .await;
     let outage = Duration::from_secs(6);
 
     // Wave 1 on an empty disk.

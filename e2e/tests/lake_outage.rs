@@ -12,14 +12,12 @@
 //! messages in its stream until they are committed), and once the lake is
 //! back every layer holds every message exactly once.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use arrow::array::{Array, AsArray};
-use medallion_e2e::{
-    gold_payments, metric, pipeline_vars, read_table, readyz, row_count, stop_all,
-};
+use medallion_e2e::{gold_payments, metric, read_table, readyz, row_count, stop_all};
 use medallion_testkit::{NatsServer, eventually};
 
 const MESSAGES: usize = 600;
@@ -72,30 +70,13 @@ async fn an_unwritable_lake_delays_but_loses_and_duplicates_nothing() {
     let nats = NatsServer::start();
     let lake = tempfile::tempdir().unwrap();
     let logs = tempfile::tempdir().unwrap();
-    let names = [
-        "medallion-ingest",
-        "medallion-transform",
-        "medallion-aggregate",
-    ];
-    let vars: Vec<BTreeMap<String, String>> = [
-        "MEDALLION_INGEST_ADDR",
-        "MEDALLION_TRANSFORM_ADDR",
-        "MEDALLION_AGGREGATE_ADDR",
-    ]
-    .iter()
-    .map(|a| {
-        let mut v = pipeline_vars(&nats.url(), lake.path(), a);
-        v.insert("MEDALLION_BATCH_ROWS".into(), "500".into());
-        v.insert("MEDALLION_ACK_WAIT".into(), "5s".into());
-        v.insert("OTEL_SDK_DISABLED".into(), "true".into());
-        v
-    })
-    .collect();
+    let vars = medallion_e2e::lake_fault_vars(&nats.url(), lake.path());
     let ingest_addr = vars[0]["MEDALLION_INGEST_ADDR"].clone();
     let transform_addr = vars[1]["MEDALLION_TRANSFORM_ADDR"].clone();
     let aggregate_addr = vars[2]["MEDALLION_AGGREGATE_ADDR"].clone();
     let (mut services, js) =
-        medallion_e2e::start_services(&names, &vars, logs.path(), nats.url()).await;
+        medallion_e2e::start_services(&medallion_e2e::PIPELINE, &vars, logs.path(), nats.url())
+            .await;
 
     // Wave 1 with a healthy lake.
     produce(js.clone(), 0).await.unwrap();

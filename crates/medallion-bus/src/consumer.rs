@@ -23,34 +23,19 @@ pub async fn stage_consumer(
         stream: stream.to_string(),
         message: e,
     };
-    // Right after a cluster forms (or loses a node), creating a replicated
-    // consumer can time out while its raft group is elected: retry with
-    // back-off for as long as the streams' own declaration would wait.
-    let started = std::time::Instant::now();
-    let mut attempt: u32 = 0;
-    loop {
-        let s = crate::streams::open_stream(js, stream)
-            .await
-            .map_err(|e| err(e.to_string()))?;
-        let created = s
-            .create_consumer(pull::Config {
-                durable_name: Some(durable.to_string()),
-                filter_subject: filter.to_string(),
-                ack_policy: AckPolicy::Explicit,
-                ack_wait,
-                max_ack_pending: 10_000,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| e.to_string());
-        match created {
-            Ok(c) => return Ok(c),
-            Err(e) if started.elapsed() < crate::streams::CLUSTER_WAIT => {
-                attempt += 1;
-                tracing::warn!(consumer = durable, %stream, error = %e, attempt, "cannot create the consumer yet; retrying");
-                tokio::time::sleep(crate::streams::retry_wait(attempt)).await;
-            }
-            Err(e) => return Err(err(e)),
-        }
-    }
+    let s = crate::streams::open_stream(js, stream)
+        .await
+        .map_err(|e| err(e.to_string()))?;
+    crate::streams::while_cluster_settles(durable, || {
+        s.create_consumer(pull::Config {
+            durable_name: Some(durable.to_string()),
+            filter_subject: filter.to_string(),
+            ack_policy: AckPolicy::Explicit,
+            ack_wait,
+            max_ack_pending: 10_000,
+            ..Default::default()
+        })
+    })
+    .await
+    .map_err(|e| err(e.to_string()))
 }

@@ -122,7 +122,7 @@ fn base(s: &StreamSettings) -> Config {
 /// How long a service waits at start for a JetStream cluster that cannot yet
 /// place the streams (a Helm install starts the services and the NATS pods
 /// together; a cluster elects its meta leader and learns its peers first).
-pub(crate) const CLUSTER_WAIT: Duration = Duration::from_secs(120);
+const CLUSTER_WAIT: Duration = Duration::from_secs(120);
 
 async fn ensure(js: &jetstream::Context, config: Config) -> Result<(), BusError> {
     let started = std::time::Instant::now();
@@ -161,35 +161,45 @@ async fn ensure(js: &jetstream::Context, config: Config) -> Result<(), BusError>
     }
 }
 
-/// Opens a declared stream at start. Right after a cluster forms (or loses
-/// a node) a stream's info request can time out while its raft group elects
-/// a leader: retried with back-off, as long as a declaration would wait.
+/// Opens a declared stream at start (see [`while_cluster_settles`]).
 pub async fn open_stream(
     js: &jetstream::Context,
     name: &str,
 ) -> Result<jetstream::stream::Stream, BusError> {
+    while_cluster_settles(name, || js.get_stream(name))
+        .await
+        .map_err(|e| BusError::Stream {
+            stream: name.to_string(),
+            message: e.to_string(),
+        })
+}
+
+/// Runs a start-up request until it succeeds or [`CLUSTER_WAIT`] has passed.
+/// Right after a cluster forms (or loses a node) a request on a replicated
+/// stream or consumer can time out while its raft group elects a leader.
+pub(crate) async fn while_cluster_settles<T, E, F, Fut>(what: &str, mut request: F) -> Result<T, E>
+where
+    E: std::fmt::Display,
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, E>>,
+{
     let started = std::time::Instant::now();
     let mut attempt: u32 = 0;
     loop {
-        match js.get_stream(name).await {
-            Ok(s) => return Ok(s),
+        match request().await {
+            Ok(v) => return Ok(v),
             Err(e) if started.elapsed() < CLUSTER_WAIT => {
                 attempt += 1;
-                tracing::warn!(stream = name, error = %e, attempt, "cannot open the stream yet; retrying");
+                tracing::warn!(what, error = %e, attempt, "JetStream request failed at start; retrying");
                 tokio::time::sleep(retry_wait(attempt)).await;
             }
-            Err(e) => {
-                return Err(BusError::Stream {
-                    stream: name.to_string(),
-                    message: e.to_string(),
-                });
-            }
+            Err(e) => return Err(e),
         }
     }
 }
 
 /// 100 ms more per attempt, at most 2 s.
-pub(crate) fn retry_wait(attempt: u32) -> Duration {
+fn retry_wait(attempt: u32) -> Duration {
     Duration::from_millis(100 * u64::from(attempt.min(20)))
 }
 
