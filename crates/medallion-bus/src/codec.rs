@@ -34,46 +34,122 @@ pub fn decode(bytes: &[u8]) -> Result<(SchemaRef, Vec<RecordBatch>), ArrowError>
     Ok((schema, batches))
 }
 
-/// Splits `batch` into encoded parts no bigger than `limit` bytes each.
-/// Returns `None` when a single row does not fit: such a commit is announced
-/// without rows, and consumers read it from the table instead.
+/// Splits `batches` into encoded parts no bigger than `limit` bytes each, in
+/// row order. Returns `None` when a single row does not fit: such a commit is
+/// announced without rows, and consumers read it from the table instead.
+///
+/// Compression is most of the cost of an event, so each row is compressed
+/// about once: a commit whose uncompressed size fits is encoded whole, a
+/// bigger one part by part, each part sized by the compression ratio the
+/// parts before it achieved; only a part that still overflows is re-encoded
+/// (halved).
 pub fn encode_split(
     schema: &SchemaRef,
     batches: &[RecordBatch],
     limit: usize,
 ) -> Result<Option<Vec<Vec<u8>>>, ArrowError> {
-    let whole = encode(schema, batches)?;
-    if whole.len() <= limit {
-        return Ok(Some(vec![whole]));
-    }
     let total_rows: usize = batches.iter().map(|b| b.num_rows()).sum();
-    if total_rows == 0 {
-        return Ok(None);
-    }
-    let combined = arrow::compute::concat_batches(schema, batches)?;
-    // Aim under the limit from the average row size, then halve whatever still overflows.
-    let per_part =
-        ((total_rows as f64 * limit as f64 / whole.len() as f64) * 0.8).max(1.0) as usize;
-    let mut parts = Vec::new();
-    let mut pending: Vec<(usize, usize)> = (0..total_rows)
-        .step_by(per_part)
-        .map(|start| (start, per_part.min(total_rows - start)))
-        .rev()
-        .collect();
-    while let Some((offset, len)) = pending.pop() {
-        let slice = combined.slice(offset, len);
-        let bytes = encode(schema, std::slice::from_ref(&slice))?;
-        if bytes.len() <= limit {
-            parts.push(bytes);
-        } else if len == 1 {
+    let raw: usize = batches.iter().map(raw_size).sum();
+    // Compressed over uncompressed, as last seen; 1 until something was encoded.
+    let mut ratio = 1.0f64;
+    if total_rows == 0 || raw <= limit {
+        let whole = encode(schema, batches)?;
+        if whole.len() <= limit {
+            return Ok(Some(vec![whole]));
+        }
+        if total_rows == 0 {
             return Ok(None);
-        } else {
-            let half = len / 2;
-            pending.push((offset + half, len - half));
-            pending.push((offset, half));
+        }
+        ratio = whole.len() as f64 / raw.max(1) as f64;
+    }
+    let per_row = raw.max(1) as f64 / total_rows as f64;
+    let mut rows = RowCursor::new(batches);
+    let mut parts = Vec::new();
+    while rows.remaining() > 0 {
+        let fit = (limit as f64 * 0.9 / (per_row * ratio)).max(1.0) as usize;
+        let mut take = fit.min(rows.remaining());
+        loop {
+            let bytes = encode(schema, &rows.peek(take))?;
+            if bytes.len() <= limit {
+                ratio = bytes.len() as f64 / (per_row * take as f64);
+                rows.advance(take);
+                parts.push(bytes);
+                break;
+            }
+            if take == 1 {
+                return Ok(None);
+            }
+            take /= 2;
         }
     }
     Ok(Some(parts))
+}
+
+/// Bytes of the rows `batch` holds (a slice counts only its own rows).
+fn raw_size(batch: &RecordBatch) -> usize {
+    batch
+        .columns()
+        .iter()
+        .map(|c| {
+            c.to_data()
+                .get_slice_memory_size()
+                .unwrap_or_else(|_| c.get_array_memory_size())
+        })
+        .sum()
+}
+
+/// A position in a sequence of batches, handing out the next rows as slices
+/// (no copy) that may span batch boundaries.
+struct RowCursor<'a> {
+    batches: &'a [RecordBatch],
+    batch: usize,
+    offset: usize,
+    remaining: usize,
+}
+
+impl<'a> RowCursor<'a> {
+    fn new(batches: &'a [RecordBatch]) -> Self {
+        RowCursor {
+            batches,
+            batch: 0,
+            offset: 0,
+            remaining: batches.iter().map(|b| b.num_rows()).sum(),
+        }
+    }
+
+    fn remaining(&self) -> usize {
+        self.remaining
+    }
+
+    /// The next `n` rows, without moving.
+    fn peek(&self, mut n: usize) -> Vec<RecordBatch> {
+        let mut out = Vec::new();
+        let (mut b, mut offset) = (self.batch, self.offset);
+        while n > 0 && b < self.batches.len() {
+            let len = (self.batches[b].num_rows() - offset).min(n);
+            if len > 0 {
+                out.push(self.batches[b].slice(offset, len));
+            }
+            n -= len;
+            b += 1;
+            offset = 0;
+        }
+        out
+    }
+
+    fn advance(&mut self, mut n: usize) {
+        self.remaining -= n.min(self.remaining);
+        while n > 0 && self.batch < self.batches.len() {
+            let left = self.batches[self.batch].num_rows() - self.offset;
+            if n < left {
+                self.offset += n;
+                return;
+            }
+            n -= left;
+            self.batch += 1;
+            self.offset = 0;
+        }
+    }
 }
 
 /// An empty IPC stream carrying only the schema.
@@ -115,10 +191,21 @@ mod tests {
         fn split_parts_fit_and_round_trip(
             payloads in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..3000), 0..60),
             limit in 4_000usize..40_000,
+            cuts in proptest::collection::vec(0usize..60, 0..4),
         ) {
             let b = batch(&payloads);
             let schema = b.schema();
-            let parts = encode_split(&schema, std::slice::from_ref(&b), limit).unwrap();
+            // The same rows as several batches (slices, some empty), as a
+            // commit of many writer batches arrives.
+            let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c.min(b.num_rows())).collect();
+            cuts.sort_unstable();
+            let mut pieces = Vec::new();
+            let mut at = 0;
+            for c in cuts.into_iter().chain(std::iter::once(b.num_rows())) {
+                pieces.push(b.slice(at, c - at));
+                at = c;
+            }
+            let parts = encode_split(&schema, &pieces, limit).unwrap();
             let parts = parts.expect("every row fits the limit here");
             let mut rows = Vec::new();
             for p in &parts {
@@ -130,6 +217,56 @@ mod tests {
             let back = concat(&schema, &rows).unwrap();
             prop_assert_eq!(back, b);
         }
+    }
+
+    #[test]
+    fn parts_are_filled_not_fragmented() {
+        // Compressible rows: the whole commit compresses to a few limits' worth;
+        // the parts must come close to that, not one small part per guess.
+        let words = [
+            "alpha", "bravo", "delta", "gamma", "omega", "sigma", "kappa", "theta",
+        ];
+        let mut x: u64 = 0x2545_F491_4F6C_DD1D;
+        let payloads: Vec<Vec<u8>> = (0..400)
+            .map(|i| {
+                let text: Vec<&str> = (0..150)
+                    .map(|_| {
+                        x ^= x << 13;
+                        x ^= x >> 7;
+                        x ^= x << 17;
+                        words[(x % 8) as usize]
+                    })
+                    .collect();
+                format!("{{\"id\":{i},\"text\":\"{}\"}}", text.join(" ")).into_bytes()
+            })
+            .collect();
+        let b = batch(&payloads);
+        let limit = 20_000;
+        let whole = encode(&b.schema(), std::slice::from_ref(&b)).unwrap().len();
+        let parts = encode_split(&b.schema(), &[b.slice(0, 150), b.slice(150, 250)], limit)
+            .unwrap()
+            .unwrap();
+        assert!(
+            whole > 2 * limit,
+            "the test needs several parts ({whole} bytes)"
+        );
+        assert!(
+            parts.len() <= whole / limit + 3,
+            "{} parts for {whole} bytes at limit {limit}",
+            parts.len()
+        );
+        let rows: usize = parts
+            .iter()
+            .map(|p| {
+                decode(p)
+                    .unwrap()
+                    .1
+                    .iter()
+                    .map(|b| b.num_rows())
+                    .sum::<usize>()
+            })
+            .sum();
+        assert_eq!(rows, 400);
     }
 
     #[test]

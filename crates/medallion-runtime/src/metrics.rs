@@ -210,10 +210,13 @@ impl PipelineMetrics {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_micros() as i64)
             .unwrap_or(0);
-        let h = self.latency_seconds.with_label_values(&[layer]);
+        // One observation per row: a local histogram adds them up without an
+        // atomic update each and publishes once.
+        let h = self.latency_seconds.with_label_values(&[layer]).local();
         for r in received_us {
             h.observe((now - r).max(0) as f64 / 1e6);
         }
+        h.flush();
     }
 
     /// Records a commit of `table` at `version` now.

@@ -1,6 +1,8 @@
 //! Raw payloads → records → a batch of strings, one column per declared column.
 //!
-//! Decoding uses arrow's own JSON and CSV decoders over many records at once.
+//! Decoding uses arrow's own JSON and CSV decoders over many records at once,
+//! after a single-pass reader has taken the plain flat JSON objects
+//! ([`crate::flat_json`], same output).
 //! Every column is first read as a string (numbers and booleans are kept as
 //! their text), so one mistyped value cannot fail a whole batch: typing is a
 //! separate, per-value step. When a batch does not decode (malformed JSON, a
@@ -107,6 +109,52 @@ pub struct Decoded {
 }
 
 pub fn decode(format: SourceFormat, schema: &SchemaRef, records: &[Record<'_>]) -> Decoded {
+    if format == SourceFormat::Csv {
+        return decode_with_arrow(format, schema, records);
+    }
+    let flat = crate::flat_json::read(schema, records);
+    if flat.rest.is_empty() {
+        return Decoded {
+            batch: flat.batch,
+            ok: flat.ok,
+            errors: Vec::new(),
+        };
+    }
+    // The records the flat reader handed back go through arrow-json; the rows
+    // are put back in record order (first occurrence wins in the dedupe).
+    let rest: Vec<Record<'_>> = flat.rest.iter().map(|i| records[*i]).collect();
+    let slow = decode_with_arrow(format, schema, &rest);
+    let slow_ok: Vec<usize> = slow.ok.iter().map(|i| flat.rest[*i]).collect();
+    let errors = slow
+        .errors
+        .into_iter()
+        .map(|(i, e)| (flat.rest[i], e))
+        .collect();
+    let both = arrow::compute::concat_batches(schema, [&flat.batch, &slow.batch])
+        .expect("batches share the raw schema");
+    let mut order: Vec<(usize, u32)> = flat
+        .ok
+        .iter()
+        .chain(&slow_ok)
+        .enumerate()
+        .map(|(row, rec)| (*rec, row as u32))
+        .collect();
+    order.sort_unstable();
+    let take = arrow::array::UInt32Array::from_iter_values(order.iter().map(|(_, row)| *row));
+    Decoded {
+        batch: arrow::compute::take_record_batch(&both, &take).expect("indices in range"),
+        ok: order.into_iter().map(|(rec, _)| rec).collect(),
+        errors,
+    }
+}
+
+/// Decodes with arrow's own decoders only (every CSV record; JSON records the
+/// flat reader hands back).
+pub fn decode_with_arrow(
+    format: SourceFormat,
+    schema: &SchemaRef,
+    records: &[Record<'_>],
+) -> Decoded {
     let mut batches = Vec::new();
     let mut ok = Vec::with_capacity(records.len());
     let mut errors = Vec::new();

@@ -21,6 +21,7 @@ pub mod config;
 pub mod crash_check;
 pub mod decode;
 pub mod dedupe;
+pub mod flat_json;
 pub mod pipeline;
 pub mod poison;
 mod service;
