@@ -271,11 +271,16 @@ pub struct Announced {
 
 /// Groups received events by table. Malformed events are skipped (returned
 /// as subjects for logging): the table is the truth and is read instead.
+/// A version's rows are taken from its events when every part of an append
+/// is among `messages`, and only if `wanted(table, version)`: a consumer that
+/// already read a version from the table would decode its rows for nothing.
 pub fn announced<'a>(
     messages: impl IntoIterator<Item = (&'a str, Option<&'a HeaderMap>, &'a Bytes)>,
+    wanted: impl Fn(&TableRef, i64) -> bool,
 ) -> (BTreeMap<TableRef, Announced>, Vec<String>) {
     let mut out: BTreeMap<TableRef, Announced> = BTreeMap::new();
     let mut malformed = Vec::new();
+    let mut parts = Vec::new();
     for (subject, headers, payload) in messages {
         let Ok(part) = EventPart::parse(subject, headers, payload.clone()) else {
             malformed.push(subject.to_string());
@@ -283,13 +288,113 @@ pub fn announced<'a>(
         };
         let entry = out.entry(part.table.clone()).or_default();
         entry.links.extend(part.links.iter().cloned());
-        if part.parts == 1
+        if part.operation == Operation::Append
             && !part.in_table
-            && part.operation == Operation::Append
-            && let Ok((_, batches)) = codec::decode(&part.payload)
+            && wanted(&part.table, part.version)
         {
-            entry.rows.insert(part.version, batches);
+            parts.push(part);
+        }
+    }
+    for (table, commits) in assemble(parts) {
+        let entry = out.entry(table).or_default();
+        for (version, commit) in commits {
+            if let Some(batches) = commit.batches {
+                entry.rows.insert(version, batches);
+            }
         }
     }
     (out, malformed)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use arrow::array::Int64Array;
+    use arrow::datatypes::{DataType, Field, Schema};
+
+    use super::*;
+
+    /// The messages `publish_commit` sends for `rows` split at `limit` bytes.
+    fn messages(
+        table: &TableRef,
+        version: i64,
+        rows: i64,
+        limit: usize,
+    ) -> Vec<(String, HeaderMap, Bytes)> {
+        let schema = Arc::new(Schema::new(vec![Field::new("n", DataType::Int64, false)]));
+        let batch = RecordBatch::try_new(
+            schema.clone(),
+            vec![Arc::new(Int64Array::from_iter_values(0..rows))],
+        )
+        .unwrap();
+        let parts = codec::encode_split(&schema, &[batch], limit)
+            .unwrap()
+            .unwrap();
+        let n = parts.len();
+        parts
+            .into_iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let mut h = HeaderMap::new();
+                h.insert(headers::TABLE, table.sql_name().as_str());
+                h.insert(headers::TABLE_VERSION, version.to_string().as_str());
+                h.insert(headers::PART, format!("{}/{n}", i + 1).as_str());
+                if i == 0 {
+                    h.insert(
+                        headers::LINKS,
+                        "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+                    );
+                }
+                (table.event_subject(), h, Bytes::from(p))
+            })
+            .collect()
+    }
+
+    fn rows_of(a: &Announced, version: i64) -> Option<Vec<i64>> {
+        a.rows.get(&version).map(|batches| {
+            batches
+                .iter()
+                .flat_map(|b| {
+                    b.column(0)
+                        .as_any()
+                        .downcast_ref::<Int64Array>()
+                        .unwrap()
+                        .values()
+                        .to_vec()
+                })
+                .collect()
+        })
+    }
+
+    #[test]
+    fn rows_come_from_complete_multi_part_appends_that_are_wanted() {
+        let t = TableRef::bronze("d", "p");
+        let mut msgs = messages(&t, 3, 20_000, 20_000);
+        assert!(msgs.len() > 2, "the commit must need several parts");
+        msgs.extend(messages(&t, 4, 10, 20_000));
+        let mut missing = messages(&t, 5, 20_000, 20_000);
+        missing.remove(1);
+        msgs.extend(missing);
+        msgs.extend(messages(&t, 6, 10, 20_000));
+        let (tables, malformed) = announced(
+            msgs.iter().map(|(s, h, p)| (s.as_str(), Some(h), p)),
+            |_, v| v != 6,
+        );
+        assert!(malformed.is_empty());
+        let a = &tables[&t];
+        assert_eq!(
+            rows_of(a, 3),
+            Some((0..20_000).collect()),
+            "all parts, in order"
+        );
+        assert_eq!(rows_of(a, 4), Some((0..10).collect()), "a single part");
+        assert_eq!(
+            rows_of(a, 5),
+            None,
+            "a part is missing: read from the table"
+        );
+        assert_eq!(rows_of(a, 6), None, "not wanted: not decoded");
+        assert_eq!(a.links.len(), 4, "links of every version, wanted or not");
+    }
 }

@@ -149,6 +149,7 @@ impl Aggregate {
         let (tables, malformed) = medallion_bus::announced(
             msgs.iter()
                 .map(|m| (m.subject.as_str(), m.headers.as_ref(), &m.payload)),
+            |_, _| true,
         );
         for subject in malformed {
             warn!(subject = %subject, "malformed silver event ignored; the table is read instead");

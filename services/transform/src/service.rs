@@ -253,9 +253,15 @@ impl Transform {
     }
 
     async fn on_events(&mut self, msgs: Vec<jetstream::Message>) {
+        let states = &self.states;
         let (tables, malformed) = medallion_bus::announced(
             msgs.iter()
                 .map(|m| (m.subject.as_str(), m.headers.as_ref(), &m.payload)),
+            |t, v| {
+                states
+                    .get(&(t.domain.clone(), t.name.clone()))
+                    .is_none_or(|s| v > s.processed)
+            },
         );
         for subject in malformed {
             warn!(subject = %subject, "malformed bronze event ignored; the table is read instead");
