@@ -130,6 +130,15 @@ pub fn decode(format: SourceFormat, schema: &SchemaRef, records: &[Record<'_>]) 
         .into_iter()
         .map(|(i, e)| (flat.rest[i], e))
         .collect();
+    if flat.ok.is_empty() {
+        // Nothing was flat (nested or escaped data): arrow-json's rows are
+        // already in record order, no need to copy them into place.
+        return Decoded {
+            batch: slow.batch,
+            ok: slow_ok,
+            errors,
+        };
+    }
     let both = arrow::compute::concat_batches(schema, [&flat.batch, &slow.batch])
         .expect("batches share the raw schema");
     let mut order: Vec<(usize, u32)> = flat
