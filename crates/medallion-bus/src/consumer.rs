@@ -39,3 +39,23 @@ pub async fn stage_consumer(
     .await
     .map_err(|e| err(e.to_string()))
 }
+
+/// Bytes the server may send per pull request. Unbounded (the client's
+/// default), a backlog of big events was sent all at once while the stage
+/// was busy, and some messages of it were not delivered to the stream
+/// (seen as gaps in the stream sequences, redelivered only after the ack
+/// wait): the stage read those versions back from the table instead.
+const PULL_BYTES: usize = 16 << 20;
+
+/// The consumer's messages, fetched in pulls of at most [`PULL_BYTES`].
+pub async fn pull_messages(
+    consumer: &jetstream::consumer::Consumer<pull::Config>,
+) -> Result<pull::Stream, jetstream::consumer::StreamError> {
+    consumer
+        .stream()
+        .max_messages_per_batch(200)
+        .max_bytes_per_batch(PULL_BYTES)
+        .heartbeat(Duration::from_secs(15))
+        .messages()
+        .await
+}

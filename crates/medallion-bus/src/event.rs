@@ -263,44 +263,108 @@ fn assemble_one(table: TableRef, version: i64, parts: Vec<EventPart>) -> Assembl
 #[derive(Debug, Default)]
 pub struct Announced {
     /// Rows per version, for the versions whose event carried them whole
-    /// (single part, appended); every other version is read from the table.
+    /// (every part received, appended); every other version is read from the table.
     pub rows: BTreeMap<i64, Vec<RecordBatch>>,
     /// Trace contexts the events carried, to continue downstream.
     pub links: Vec<String>,
+    /// The newest version of the table these messages announced, other than
+    /// parts of commits still in flight: a consumer that knows more messages
+    /// are waiting stops here rather than read later versions from the table
+    /// while their events are on the way.
+    pub through: Option<i64>,
+}
+
+/// Parts of appends whose other parts were not in the same pull. A pull ends
+/// at the batcher's limits, often inside a big commit's parts; kept here,
+/// the parts join the rest of their commit in the next pull instead of the
+/// whole commit being read back from the table. Bounded: the oldest commits
+/// are given up (and read from the table) past [`MAX_IN_FLIGHT_BYTES`].
+#[derive(Debug, Default)]
+pub struct PartsInFlight {
+    parts: Vec<EventPart>,
+}
+
+const MAX_IN_FLIGHT_BYTES: usize = 64 << 20;
+
+impl PartsInFlight {
+    pub fn is_empty(&self) -> bool {
+        self.parts.is_empty()
+    }
 }
 
 /// Groups received events by table. Malformed events are skipped (returned
 /// as subjects for logging): the table is the truth and is read instead.
 /// A version's rows are taken from its events when every part of an append
-/// is among `messages`, and only if `wanted(table, version)`: a consumer that
-/// already read a version from the table would decode its rows for nothing.
+/// has arrived (in this pull or, kept in `in_flight`, an earlier one), and
+/// only if `wanted(table, version)`: a consumer that already read a version
+/// from the table would decode its rows for nothing. The links of a commit
+/// in flight are given with its rows (or when it is given up), so a trace
+/// continues in the pass that processes it.
 pub fn announced<'a>(
     messages: impl IntoIterator<Item = (&'a str, Option<&'a HeaderMap>, &'a Bytes)>,
     wanted: impl Fn(&TableRef, i64) -> bool,
+    in_flight: &mut PartsInFlight,
 ) -> (BTreeMap<TableRef, Announced>, Vec<String>) {
     let mut out: BTreeMap<TableRef, Announced> = BTreeMap::new();
     let mut malformed = Vec::new();
     let mut parts = Vec::new();
+    for part in std::mem::take(&mut in_flight.parts) {
+        if wanted(&part.table, part.version) {
+            parts.push(part);
+        } else {
+            out.entry(part.table).or_default().links.extend(part.links);
+        }
+    }
     for (subject, headers, payload) in messages {
         let Ok(part) = EventPart::parse(subject, headers, payload.clone()) else {
             malformed.push(subject.to_string());
             continue;
         };
         let entry = out.entry(part.table.clone()).or_default();
-        entry.links.extend(part.links.iter().cloned());
         if part.operation == Operation::Append
             && !part.in_table
             && wanted(&part.table, part.version)
         {
             parts.push(part);
+        } else {
+            entry.through = entry.through.max(Some(part.version));
+            entry.links.extend(part.links);
         }
     }
-    for (table, commits) in assemble(parts) {
+    let mut grouped: BTreeMap<(TableRef, i64), Vec<EventPart>> = BTreeMap::new();
+    for p in parts {
+        grouped
+            .entry((p.table.clone(), p.version))
+            .or_default()
+            .push(p);
+    }
+    let mut waiting = Vec::new();
+    for ((table, version), mut parts) in grouped {
+        parts.sort_by_key(|p| p.part);
+        parts.dedup_by_key(|p| p.part);
+        let expected = parts[0].parts;
+        if parts.len() < expected as usize && parts.iter().all(|p| p.parts == expected) {
+            waiting.push(parts);
+            continue;
+        }
+        let commit = assemble_one(table.clone(), version, parts);
         let entry = out.entry(table).or_default();
-        for (version, commit) in commits {
-            if let Some(batches) = commit.batches {
-                entry.rows.insert(version, batches);
-            }
+        entry.through = entry.through.max(Some(version));
+        entry.links.extend(commit.links);
+        if let Some(batches) = commit.batches {
+            entry.rows.insert(version, batches);
+        }
+    }
+    // Newest commits stay in flight; the oldest are given up past the bound.
+    let mut bytes = 0usize;
+    for parts in waiting.into_iter().rev() {
+        bytes += parts.iter().map(|p| p.payload.len()).sum::<usize>();
+        if bytes <= MAX_IN_FLIGHT_BYTES {
+            in_flight.parts.extend(parts);
+        } else {
+            let entry = out.entry(parts[0].table.clone()).or_default();
+            entry.through = entry.through.max(Some(parts[0].version));
+            entry.links.extend(parts.into_iter().flat_map(|p| p.links));
         }
     }
     (out, malformed)
@@ -377,9 +441,11 @@ mod tests {
         missing.remove(1);
         msgs.extend(missing);
         msgs.extend(messages(&t, 6, 10, 20_000));
+        let mut in_flight = PartsInFlight::default();
         let (tables, malformed) = announced(
             msgs.iter().map(|(s, h, p)| (s.as_str(), Some(h), p)),
             |_, v| v != 6,
+            &mut in_flight,
         );
         assert!(malformed.is_empty());
         let a = &tables[&t];
@@ -389,12 +455,50 @@ mod tests {
             "all parts, in order"
         );
         assert_eq!(rows_of(a, 4), Some((0..10).collect()), "a single part");
-        assert_eq!(
-            rows_of(a, 5),
-            None,
-            "a part is missing: read from the table"
-        );
+        assert_eq!(rows_of(a, 5), None, "a part is missing: not yet");
         assert_eq!(rows_of(a, 6), None, "not wanted: not decoded");
-        assert_eq!(a.links.len(), 4, "links of every version, wanted or not");
+        assert_eq!(
+            a.links.len(),
+            3,
+            "links of every version but the one in flight"
+        );
+        assert_eq!(a.through, Some(6));
+        assert!(
+            !in_flight.is_empty(),
+            "version 5 waits for its missing part"
+        );
+
+        // The missing part comes in the next pull: the commit is whole.
+        let rest = messages(&t, 5, 20_000, 20_000).remove(1);
+        let (tables, _) = announced(
+            [(rest.0.as_str(), Some(&rest.1), &rest.2)],
+            |_, _| true,
+            &mut in_flight,
+        );
+        let a = &tables[&t];
+        assert_eq!(rows_of(a, 5), Some((0..20_000).collect()));
+        assert_eq!(a.links.len(), 1, "its links come with its rows");
+        assert_eq!(a.through, Some(5));
+        assert!(in_flight.is_empty());
+    }
+
+    #[test]
+    fn parts_in_flight_are_given_up_when_read_from_the_table() {
+        let t = TableRef::silver("d", "p");
+        let mut part = messages(&t, 7, 20_000, 20_000);
+        part.truncate(1);
+        let mut in_flight = PartsInFlight::default();
+        let (tables, _) = announced(
+            part.iter().map(|(s, h, p)| (s.as_str(), Some(h), p)),
+            |_, _| true,
+            &mut in_flight,
+        );
+        let a = &tables[&t];
+        assert!(a.rows.is_empty() && a.links.is_empty());
+        assert_eq!(a.through, None, "nothing whole to stop at");
+        // The consumer read version 7 from the table meanwhile.
+        let (tables, _) = announced([], |_, v| v > 7, &mut in_flight);
+        assert_eq!(tables[&t].links.len(), 1, "the links are not lost");
+        assert!(in_flight.is_empty());
     }
 }

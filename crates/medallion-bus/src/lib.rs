@@ -19,7 +19,8 @@ pub mod trace;
 pub use connect::NatsSettings;
 pub use error::BusError;
 pub use event::{
-    Announced, AssembledCommit, Commit, EventPart, Operation, announced, assemble, publish_commit,
+    Announced, AssembledCommit, Commit, EventPart, Operation, PartsInFlight, announced, assemble,
+    publish_commit,
 };
 pub use streams::{StreamSettings, ensure_streams};
 

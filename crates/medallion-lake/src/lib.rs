@@ -1,6 +1,7 @@
 //! The lake: every layer's Delta Lake tables, written with idempotent commits.
 
 pub mod commits;
+pub mod dictionary;
 mod error;
 mod location;
 mod object_stores;

@@ -320,9 +320,18 @@ impl TableWriter {
                     Some(self.storage_options.clone()),
                 ),
             };
-            let mut writer = writer
-                .map_err(delta)?
-                .with_writer_properties(self.properties.clone());
+            let plain = crate::dictionary::near_unique_columns(batches);
+            let properties = if plain.is_empty() {
+                self.properties.clone()
+            } else {
+                plain
+                    .iter()
+                    .fold(self.properties.clone().into_builder(), |b, c| {
+                        b.set_column_dictionary_enabled(ColumnPath::from(c.as_str()), false)
+                    })
+                    .build()
+            };
+            let mut writer = writer.map_err(delta)?.with_writer_properties(properties);
             for b in batches.iter().filter(|b| b.num_rows() > 0) {
                 writer.write(b.clone()).await.map_err(delta)?;
             }

@@ -8,6 +8,7 @@ use anyhow::Context as _;
 use arrow::array::RecordBatch;
 use async_nats::jetstream;
 use medallion_bus::batching::{Batch, Batcher};
+use medallion_bus::horizon::Reach;
 use medallion_bus::registry::{SpecSource, sync_specs};
 use medallion_bus::streams::SILVER_STREAM;
 use medallion_bus::{Commit, Operation, publish_commit};
@@ -51,7 +52,9 @@ pub async fn run(config: AggregateConfig, rt: Runtime) -> anyhow::Result<()> {
     .await
     .context("creating the silver consumer")?;
     let mut events = Batcher::new(
-        consumer.messages().await.context("pulling silver events")?,
+        medallion_bus::consumer::pull_messages(&consumer)
+            .await
+            .context("pulling silver events")?,
         config.batch,
     );
     let mut a = Aggregate {
@@ -67,6 +70,8 @@ pub async fn run(config: AggregateConfig, rt: Runtime) -> anyhow::Result<()> {
         lake_backoff: Default::default(),
         tick_horizon: Default::default(),
         pending_links: Default::default(),
+        in_flight: Default::default(),
+        reload_interval: config.reload_interval,
     };
     a.reload(&source).await;
     rt.health.set_started();
@@ -79,7 +84,7 @@ pub async fn run(config: AggregateConfig, rt: Runtime) -> anyhow::Result<()> {
                 a.reload(&source).await;
                 let ids: Vec<ProductId> = a.products.contracts.keys().cloned().collect();
                 for id in ids {
-                    a.catch_up(&id, &mut BTreeMap::new(), &[], true).await;
+                    a.catch_up(&id, &mut BTreeMap::new(), &[], Reach::Tick).await;
                 }
             }
             batch = events.next(&rt.shutdown) => match batch {
@@ -90,7 +95,7 @@ pub async fn run(config: AggregateConfig, rt: Runtime) -> anyhow::Result<()> {
                 Batch::Broken(msgs, e) => {
                     warn!(error = %e, "silver event stream interrupted; re-subscribing");
                     a.on_events(msgs).await;
-                    match consumer.messages().await {
+                    match medallion_bus::consumer::pull_messages(&consumer).await {
                         Ok(m) => events.stream = m,
                         Err(_) => tokio::time::sleep(Duration::from_secs(1)).await,
                     }
@@ -121,6 +126,10 @@ struct Aggregate {
     tick_horizon: medallion_bus::horizon::TickHorizon<ProductId>,
     /// Trace contexts of Silver events whose versions are not processed yet.
     pending_links: medallion_bus::horizon::PendingLinks<ProductId>,
+    /// Parts of Silver events whose other parts are in the next pull.
+    in_flight: medallion_bus::PartsInFlight,
+    /// The timer's period; also how long it waits for a backlog's events.
+    reload_interval: Duration,
 }
 
 /// One Gold table: its writer, its in-memory groups, and which data file
@@ -146,19 +155,34 @@ impl Aggregate {
     }
 
     async fn on_events(&mut self, msgs: Vec<jetstream::Message>) {
+        let states = &self.states;
+        let more = medallion_bus::horizon::more_waiting(&msgs);
+        self.tick_horizon.pulled(more, self.reload_interval);
         let (tables, malformed) = medallion_bus::announced(
             msgs.iter()
                 .map(|m| (m.subject.as_str(), m.headers.as_ref(), &m.payload)),
-            |_, _| true,
+            // Wanted unless every Gold table of the product has merged it.
+            |t, v| {
+                states
+                    .get(&(t.domain.clone(), t.name.clone()))
+                    .is_none_or(|tables| tables.iter().any(|g| v > g.processed))
+            },
+            &mut self.in_flight,
         );
         for subject in malformed {
             warn!(subject = %subject, "malformed silver event ignored; the table is read instead");
         }
         for (table, mut announced) in tables {
             let id = (table.domain.clone(), table.name.clone());
-            if self.products.contracts.contains_key(&id) {
-                self.catch_up(&id, &mut announced.rows, &announced.links, false)
-                    .await;
+            if !self.products.contracts.contains_key(&id) {
+                continue;
+            }
+            match Reach::for_pull(more, &announced) {
+                Some(reach) => {
+                    self.catch_up(&id, &mut announced.rows, &announced.links, reach)
+                        .await
+                }
+                None => self.pending_links.add(&id, &announced.links),
             }
         }
         for m in msgs {
@@ -203,10 +227,10 @@ impl Aggregate {
         id: &ProductId,
         fast: &mut BTreeMap<i64, Vec<RecordBatch>>,
         links: &[String],
-        from_tick: bool,
+        reach: Reach,
     ) {
         let links = self.pending_links.take(id, links);
-        if !self.catch_up_pass(id, fast, &links, from_tick).await {
+        if !self.catch_up_pass(id, fast, &links, reach).await {
             self.pending_links.keep(id, links);
         }
     }
@@ -218,17 +242,17 @@ impl Aggregate {
         id: &ProductId,
         fast: &mut BTreeMap<i64, Vec<RecordBatch>>,
         links: &[String],
-        from_tick: bool,
+        reach: Reach,
     ) -> bool {
         let silver_ref = TableRef::silver(&id.0, &id.1);
         let Ok(Some(silver)) = self.upstream.latest(&self.lake, &silver_ref).await else {
             return false;
         };
         let latest = silver.version().map(|v| v as i64).unwrap_or(-1);
-        let latest = if from_tick {
-            self.tick_horizon.through(id, latest)
-        } else {
-            latest
+        let latest = match reach {
+            Reach::Latest => latest,
+            Reach::Tick => self.tick_horizon.through(id, latest),
+            Reach::Through(v) => v.min(latest),
         };
         if !self.open(id).await {
             return false;

@@ -59,11 +59,15 @@ pub fn cast_column(
         safe: true,
         ..Default::default()
     };
-    let typed = match cast_with_options(values, &target, &options) {
-        Ok(a) => a,
-        // Safe casts report per-value failures as NULL; an error here means the
-        // kernel refused the whole array, so every non-null value is wrong.
-        Err(_) => arrow::array::new_null_array(&target, values.len()),
+    let typed = if matches!(target, DataType::Timestamp(..)) {
+        crate::rfc3339::cast_timestamps(values, &target)
+    } else {
+        match cast_with_options(values, &target, &options) {
+            Ok(a) => a,
+            // Safe casts report per-value failures as NULL; an error here means
+            // the kernel refused the whole array, so every non-null value is wrong.
+            Err(_) => arrow::array::new_null_array(&target, values.len()),
+        }
     };
     let non_finite = (target == DataType::Float64)
         .then(|| typed.as_any().downcast_ref::<Float64Array>().cloned())

@@ -24,6 +24,7 @@ pub mod dedupe;
 pub mod flat_json;
 pub mod pipeline;
 pub mod poison;
+pub mod rfc3339;
 mod service;
 
 pub use config::TransformConfig;

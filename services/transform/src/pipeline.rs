@@ -213,9 +213,9 @@ pub fn transform(
     } else {
         key_hashes(&key_cols).expect("row encoding of supported types")
     };
-    let mut batch_keys = KeyHashSet::default();
+    let mut batch_keys = KeyHashSet::with_capacity_and_hasher(hashes.len(), Default::default());
     let mut keep = vec![false; m];
-    let mut new_keys = Vec::new();
+    let mut new_keys = Vec::with_capacity(hashes.len());
     for row in 0..m {
         let failed = &failed_by_row[row];
         let r = &records[decoded.ok[keep_idx[row]]];
