@@ -252,9 +252,10 @@ mod tests {
     use super::{BATCH_BYTES, batch_rows};
 
     #[test]
-    fn batches_hold_about_eight_mib_whatever_the_row_width() {
-        // 1,000 messages of 200 KB: 40 rows a batch.
-        assert_eq!(batch_rows([(1_000, 200_000_000)].into_iter()), 41);
+    fn batches_hold_about_one_mib_whatever_the_row_width() {
+        // 1,000 messages of 200 KB: 5 rows a batch.
+        assert_eq!(batch_rows([(1_000, 200_000_000)].into_iter()), 5);
+        assert_eq!(batch_rows([(1_000, 100_000_000)].into_iter()), 10);
         // Narrow rows are capped at 64 Ki rows; the widest row group decides.
         assert_eq!(batch_rows([(100_000, 1_000_000)].into_iter()), 64 * 1024);
         assert_eq!(
