@@ -18,9 +18,14 @@ const SAMPLE_ROWS: usize = 4096;
 /// Below this many rows the choice hardly matters and the sample says little.
 const MIN_ROWS: usize = 1024;
 
-/// Top-level columns whose sampled values are more than half distinct.
-/// Nested columns keep the writer's default (their leaves have other paths).
-pub fn near_unique_columns(batches: &[RecordBatch]) -> Vec<String> {
+/// Top-level columns whose sampled values are more than half distinct, among
+/// those `undecided` (a column already written plain — a raw payload, a key —
+/// is not sampled: its values can be large). Nested columns keep the
+/// writer's default (their leaves have other paths).
+pub fn near_unique_columns(
+    batches: &[RecordBatch],
+    undecided: impl Fn(&str) -> bool,
+) -> Vec<String> {
     let Some(first) = batches.iter().find(|b| b.num_rows() > 0) else {
         return Vec::new();
     };
@@ -33,6 +38,7 @@ pub fn near_unique_columns(batches: &[RecordBatch]) -> Vec<String> {
         .fields()
         .iter()
         .zip(first.columns())
+        .filter(|(f, _)| undecided(f.name()))
         .filter(|(f, _)| {
             f.data_type().is_primitive()
                 || matches!(
@@ -92,11 +98,17 @@ mod tests {
 
     #[test]
     fn distinct_columns_are_named_and_repeating_ones_are_not() {
-        assert_eq!(near_unique_columns(&[batch(10_000)]), ["ts", "id"]);
+        assert_eq!(
+            near_unique_columns(&[batch(10_000)], |_| true),
+            ["ts", "id"]
+        );
         assert!(
-            near_unique_columns(&[batch(0), batch(100)]).is_empty(),
+            near_unique_columns(&[batch(0), batch(100)], |_| true).is_empty(),
             "too few rows to judge"
         );
-        assert_eq!(near_unique_columns(&[batch(0), batch(2_000)]), ["ts", "id"]);
+        assert_eq!(
+            near_unique_columns(&[batch(0), batch(2_000)], |_| true),
+            ["ts", "id"]
+        );
     }
 }

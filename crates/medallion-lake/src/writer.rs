@@ -320,7 +320,9 @@ impl TableWriter {
                     Some(self.storage_options.clone()),
                 ),
             };
-            let plain = crate::dictionary::near_unique_columns(batches);
+            let plain = crate::dictionary::near_unique_columns(batches, |c| {
+                self.properties.dictionary_enabled(&ColumnPath::from(c))
+            });
             let properties = if plain.is_empty() {
                 self.properties.clone()
             } else {
