@@ -38,9 +38,20 @@ pub struct Service {
 
 impl Service {
     pub fn start(name: &'static str, vars: &BTreeMap<String, String>, logs: &Path) -> Service {
+        Self::start_named(name, name, vars, logs)
+    }
+
+    /// Starts binary `name` logging to `<log_name>.log` (several replicas of
+    /// one service, each with its own log).
+    pub fn start_named(
+        name: &'static str,
+        log_name: &str,
+        vars: &BTreeMap<String, String>,
+        logs: &Path,
+    ) -> Service {
         let log = match std::env::var("MEDALLION_E2E_LOGS") {
-            Ok(d) => PathBuf::from(d).join(format!("{name}.log")),
-            Err(_) => logs.join(format!("{name}.log")),
+            Ok(d) => PathBuf::from(d).join(format!("{log_name}.log")),
+            Err(_) => logs.join(format!("{log_name}.log")),
         };
         let file = std::fs::File::create(&log).expect("create log file");
         let mut cmd = Command::new(binary(name));

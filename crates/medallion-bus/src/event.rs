@@ -50,6 +50,9 @@ pub struct Commit<'a> {
     /// Trace contexts (W3C `traceparent`) of the inputs this commit carries, so
     /// the next stage can continue each producer's trace.
     pub links: &'a [String],
+    /// The partition of the next stage that takes this version
+    /// ([`medallion_spec::version_partition`]); 0 for one partition.
+    pub partition: u32,
 }
 
 /// Publishes the commit's rows and waits for JetStream to store every part.
@@ -59,7 +62,7 @@ pub async fn publish_commit(
     commit: Commit<'_>,
     max_payload: usize,
 ) -> Result<usize, BusError> {
-    let subject = commit.table.event_subject();
+    let subject = commit.table.partition_subject(commit.partition);
     let limit = max_payload.saturating_sub(HEADER_ALLOWANCE).max(1024);
     let parts = codec::encode_split(&commit.schema, commit.batches, limit)?;
     let (payloads, in_table) = match parts {
@@ -143,7 +146,7 @@ impl EventPart {
         let table = get(headers::TABLE)
             .and_then(|t| TableRef::parse(&t))
             .ok_or_else(|| bad("missing or invalid Medallion-Table"))?;
-        if table.event_subject() != subject {
+        if table.subject_partition(subject).is_none() {
             return Err(bad("Medallion-Table does not match the subject"));
         }
         let version: i64 = get(headers::TABLE_VERSION)

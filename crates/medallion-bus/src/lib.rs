@@ -11,6 +11,7 @@ mod error;
 pub mod event;
 pub mod headers;
 pub mod horizon;
+pub mod ownership;
 pub mod quality;
 pub mod registry;
 pub mod streams;

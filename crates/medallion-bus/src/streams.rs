@@ -67,6 +67,7 @@ pub async fn ensure_streams(js: &jetstream::Context, s: &StreamSettings) -> Resu
         max_bytes: s.ingest_max_bytes,
         duplicate_window: s.duplicate_window,
         description: Some("Raw events published by producers, until Bronze has them".into()),
+        subject_transform: Some(keyed_slots()),
         ..base(s)
     });
     for (name, layer) in [
@@ -108,6 +109,21 @@ pub async fn ensure_streams(js: &jetstream::Context, s: &StreamSettings) -> Resu
     // seconds apiece right after the cluster forms.
     futures::future::try_join_all(configs.into_iter().map(|c| ensure(js, c))).await?;
     Ok(())
+}
+
+/// A keyed publish, `medallion.ingest.<domain>.<product>.<key>`, is stored
+/// under one of [`medallion_spec::INGEST_SLOTS`] slots in place of its key
+/// (the server hashes the key token), so a product's partitions can each
+/// read their own subjects; the same key always lands in the same slot.
+/// Plain publishes (four tokens) are stored as they are.
+pub fn keyed_slots() -> jetstream::stream::SubjectTransform {
+    jetstream::stream::SubjectTransform {
+        source: "medallion.ingest.*.*.*".into(),
+        destination: format!(
+            "medallion.ingest.{{{{wildcard(1)}}}}.{{{{wildcard(2)}}}}.{{{{partition({},3)}}}}",
+            medallion_spec::INGEST_SLOTS
+        ),
+    }
 }
 
 fn base(s: &StreamSettings) -> Config {
@@ -235,6 +251,15 @@ impl StreamSettings {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn keyed_publishes_are_stored_by_slot() {
+        let t = keyed_slots();
+        assert_eq!(
+            t.destination,
+            "medallion.ingest.{{wildcard(1)}}.{{wildcard(2)}}.{{partition(32,3)}}"
+        );
+    }
 
     #[test]
     fn a_forming_cluster_is_waited_for_and_a_bad_config_is_not() {

@@ -65,6 +65,71 @@ pub async fn read_commit(
     Ok(Some(rows))
 }
 
+/// What a commit did, from its log entry alone (no data file is read).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct CommitSummary {
+    /// Data files added with `dataChange` (new rows).
+    pub added: Vec<String>,
+    /// Data files removed with `dataChange` (an overwrite or a rewrite).
+    pub removed: Vec<String>,
+    /// Transaction actions: `(app_id, version)`.
+    pub txns: Vec<(String, i64)>,
+}
+
+impl CommitSummary {
+    /// Whether a consumer of the table's rows must look at this commit; a
+    /// compaction (`dataChange = false`) or a metadata change need not.
+    pub fn has_data(&self) -> bool {
+        !self.added.is_empty() || !self.removed.is_empty()
+    }
+}
+
+/// The summary of the commit of `version`; `None` if its log entry is gone.
+pub async fn commit_summary(
+    tref: &TableRef,
+    table: &DeltaTable,
+    version: i64,
+) -> Result<Option<CommitSummary>, LakeError> {
+    let Some(actions) = commit_actions(tref, table, version).await? else {
+        return Ok(None);
+    };
+    let mut out = CommitSummary::default();
+    for action in actions {
+        match action {
+            Action::Add(a) if a.data_change => out.added.push(a.path),
+            Action::Remove(r) if r.data_change => out.removed.push(r.path),
+            Action::Txn(t) => out.txns.push((t.app_id, t.version)),
+            _ => {}
+        }
+    }
+    Ok(Some(out))
+}
+
+/// Reads only `columns` of one data file (the key columns of a commit, say).
+pub async fn read_parquet_columns(
+    store: &Arc<dyn ObjectStore>,
+    relative: &str,
+    columns: &[String],
+) -> Result<Vec<RecordBatch>, LakeError> {
+    let path = Path::from_url_path(relative).unwrap_or_else(|_| Path::from(relative));
+    let bytes = store.get(&path).await?.bytes().await?;
+    let builder = ParquetRecordBatchReaderBuilder::try_new(bytes)?;
+    let schema = builder.parquet_schema();
+    let roots: Vec<usize> = (0..schema.root_schema().get_fields().len())
+        .filter(|i| {
+            columns
+                .iter()
+                .any(|c| schema.root_schema().get_fields()[*i].name() == c)
+        })
+        .collect();
+    let mask = parquet::arrow::ProjectionMask::roots(schema, roots);
+    let reader = builder
+        .with_projection(mask)
+        .with_batch_size(64 * 1024)
+        .build()?;
+    Ok(reader.collect::<Result<Vec<_>, _>>()?)
+}
+
 /// The application metadata (`medallion.*` keys and the like) that the commit
 /// of `version` carries; `None` if that log entry is gone.
 pub async fn commit_metadata(

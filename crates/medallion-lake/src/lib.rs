@@ -8,7 +8,10 @@ mod object_stores;
 pub mod query;
 pub mod writer;
 
-pub use commits::{CommitRows, commit_metadata, open_at, read_all, read_commit, read_parquet};
+pub use commits::{
+    CommitRows, CommitSummary, commit_metadata, commit_summary, open_at, read_all, read_commit,
+    read_parquet, read_parquet_columns,
+};
 pub use error::LakeError;
 pub use location::Lake;
 pub use writer::{

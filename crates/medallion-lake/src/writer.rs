@@ -67,6 +67,9 @@ pub struct TableWriter {
     schema: SchemaRef,
     app_id: String,
     txn: Option<i64>,
+    /// Transaction versions of other app ids this writer commits under
+    /// (ingest's keyed slots), read on first use.
+    other_txns: HashMap<String, Option<i64>>,
     properties: WriterProperties,
     added: Vec<String>,
     storage_options: HashMap<String, String>,
@@ -190,6 +193,7 @@ impl TableWriter {
             schema,
             app_id,
             txn: None,
+            other_txns: HashMap::new(),
             properties,
             added: Vec::new(),
             storage_options: lake.storage_options().clone(),
@@ -199,14 +203,67 @@ impl TableWriter {
     }
 
     async fn read_txn(&self) -> Result<Option<i64>, LakeError> {
+        self.read_txn_of(&self.app_id).await
+    }
+
+    async fn read_txn_of(&self, app_id: &str) -> Result<Option<i64>, LakeError> {
         let snapshot = self
             .table
             .snapshot()
             .map_err(|e| LakeError::delta(&self.tref, e))?;
         snapshot
-            .transaction_version(self.table.log_store().as_ref(), &self.app_id)
+            .transaction_version(self.table.log_store().as_ref(), app_id)
             .await
             .map_err(|e| LakeError::delta(&self.tref, e))
+    }
+
+    /// The last transaction version committed under another app id.
+    pub async fn txn_version_of(&mut self, app_id: &str) -> Result<Option<i64>, LakeError> {
+        if app_id == self.app_id {
+            return Ok(self.txn);
+        }
+        if let Some(v) = self.other_txns.get(app_id) {
+            return Ok(*v);
+        }
+        let v = self.read_txn_of(app_id).await?;
+        self.other_txns.insert(app_id.to_string(), v);
+        Ok(v)
+    }
+
+    /// Appends `batches` as one commit carrying a transaction action per
+    /// `(app_id, version)` — one writer advancing several cursors at once —
+    /// unless any of them is already at or past its version.
+    pub async fn commit_txns(
+        &mut self,
+        batches: &[RecordBatch],
+        txns: &[(String, i64)],
+        metadata: &[(&str, serde_json::Value)],
+    ) -> Result<CommitOutcome, LakeError> {
+        for (app, v) in txns {
+            if let Some(done) = self.txn_version_of(app).await?
+                && *v <= done
+            {
+                return Ok(CommitOutcome::AlreadyCommitted(done));
+            }
+        }
+        let result = self
+            .try_commit(&[batches.to_vec()], txns, WriteMode::Append, metadata)
+            .await;
+        match &result {
+            Ok(_) => {
+                for (app, v) in txns {
+                    if *app == self.app_id {
+                        self.txn = Some(*v);
+                    } else {
+                        self.other_txns.insert(app.clone(), Some(*v));
+                    }
+                }
+            }
+            Err(_) => {
+                let _ = self.refresh().await;
+            }
+        }
+        result
     }
 
     pub fn table_ref(&self) -> &TableRef {
@@ -245,7 +302,38 @@ impl TableWriter {
             .map_err(|e| LakeError::delta(&self.tref, e))?;
         self.schema = table_schema(&self.tref, &self.table)?;
         self.txn = self.read_txn().await?;
+        self.other_txns.clear();
         Ok(())
+    }
+
+    /// Moves to the table's latest version, reading only the commits other
+    /// writers made since (not the whole log, as [`refresh`](Self::refresh)
+    /// does for the transaction versions): their summaries, oldest first.
+    pub async fn follow(&mut self) -> Result<Vec<(i64, crate::CommitSummary)>, LakeError> {
+        let before = self.version();
+        self.table
+            .update_state()
+            .await
+            .map_err(|e| LakeError::delta(&self.tref, e))?;
+        let after = self.version();
+        let mut out = Vec::new();
+        for v in (before + 1)..=after {
+            let Some(s) = crate::commit_summary(&self.tref, &self.table, v).await? else {
+                continue;
+            };
+            for (app, t) in &s.txns {
+                if *app == self.app_id {
+                    self.txn = Some(*t);
+                } else if let Some(known) = self.other_txns.get_mut(app) {
+                    *known = Some(*t);
+                }
+            }
+            out.push((v, s));
+        }
+        if after != before {
+            self.schema = table_schema(&self.tref, &self.table)?;
+        }
+        Ok(out)
     }
 
     /// Active data files (relative paths).
@@ -281,7 +369,11 @@ impl TableWriter {
         {
             return Ok(CommitOutcome::AlreadyCommitted(done));
         }
-        let result = self.try_commit(groups, txn, mode, metadata).await;
+        let txns = [(self.app_id.clone(), txn)];
+        let result = self.try_commit(groups, &txns, mode, metadata).await;
+        if result.is_ok() {
+            self.txn = Some(txn);
+        }
         if result.is_err() {
             // The log entry may or may not have been written; learn which before
             // the caller retries, so a retry can never commit twice.
@@ -298,7 +390,7 @@ impl TableWriter {
     async fn try_commit(
         &mut self,
         groups: &[Vec<RecordBatch>],
-        txn: i64,
+        txns: &[(String, i64)],
         mode: WriteMode,
         metadata: &[(&str, serde_json::Value)],
     ) -> Result<CommitOutcome, LakeError> {
@@ -377,13 +469,23 @@ impl TableWriter {
             predicate: None,
         };
         let mut app_metadata: HashMap<String, serde_json::Value> = HashMap::new();
-        app_metadata.insert("medallion.app".into(), self.app_id.clone().into());
-        app_metadata.insert("medallion.txn".into(), txn.into());
+        if let Some((app, txn)) = txns.first() {
+            app_metadata.insert("medallion.app".into(), app.clone().into());
+            app_metadata.insert("medallion.txn".into(), (*txn).into());
+        }
         for (k, v) in metadata {
             app_metadata.insert((*k).into(), v.clone());
         }
+        // Each app id's transaction is also the fence: delta-rs refuses this
+        // commit (ConcurrentTransaction) if a commit that landed since our
+        // snapshot carries one of them — another replica advanced the same
+        // cursor, so these rows may already be there.
         let properties = CommitProperties::default()
-            .with_application_transaction(Transaction::new(&self.app_id, txn))
+            .with_application_transactions(
+                txns.iter()
+                    .map(|(app, v)| Transaction::new(app, *v))
+                    .collect::<Vec<_>>(),
+            )
             .with_metadata(app_metadata);
         let finalized = CommitBuilder::from(properties)
             .with_actions(actions)
@@ -395,7 +497,6 @@ impl TableWriter {
         if let Some((arrow, _)) = evolve_to {
             self.schema = arrow;
         }
-        self.txn = Some(txn);
         self.added = added;
         Ok(CommitOutcome::Committed(version as i64))
     }

@@ -26,8 +26,8 @@ macro_rules! vars {
 
 vars! {
     "MEDALLION_LAKE", Some("./.medallion/lake"), "all", "Lake root: a directory, file:// or s3:// URI";
-    "MEDALLION_PRODUCTS", Some("./products"), "catalog", "Folder of DataProduct YAML files registered at start and whenever a file changes";
-    "MEDALLION_SPEC_SOURCE", Some("registry"), "transform,aggregate", "registry (the catalog's, hot-reloaded) or folder (read MEDALLION_PRODUCTS directly, no catalog)";
+    "MEDALLION_PRODUCTS", Some("./products"), "catalog,ingest,transform,aggregate", "Folder of DataProduct YAML files registered at start and whenever a file changes";
+    "MEDALLION_SPEC_SOURCE", Some("registry"), "ingest,transform,aggregate", "registry (the catalog's, hot-reloaded) or folder (read MEDALLION_PRODUCTS directly, no catalog)";
     "MEDALLION_CATALOG_ADDR", Some("127.0.0.1:8080"), "catalog", "Catalog HTTP API, health and metrics address";
     "MEDALLION_CATALOG_URL", Some("http://127.0.0.1:8080"), "cli", "Catalog base URL the CLI talks to";
     "MEDALLION_INGEST_ADDR", Some("127.0.0.1:9101"), "ingest", "Health and metrics address of ingest";
@@ -38,10 +38,12 @@ vars! {
     "MEDALLION_BATCH_WAIT", Some("250ms"), "ingest,transform,aggregate", "Longest wait to fill a micro-batch";
     "MEDALLION_ACK_WAIT", Some("60s"), "ingest,transform,aggregate", "JetStream ack wait before redelivery";
     "MEDALLION_MAX_DELIVER", Some("5"), "transform,aggregate", "Deliveries before a message is dead-lettered";
-    "MEDALLION_RELOAD_INTERVAL", Some("2s"), "transform,aggregate", "How often specs are re-read and upstream tables checked for unannounced versions";
+    "MEDALLION_RELOAD_INTERVAL", Some("2s"), "ingest,transform,aggregate", "How often specs are re-read and upstream tables checked for unannounced versions";
     "MEDALLION_DEDUPE_WINDOW", Some("2m"), "ingest", "How long JetStream remembers a Nats-Msg-Id";
     "MEDALLION_EVENT_MAX_AGE", Some("24h"), "ingest", "Retention of stage events (consumers fall back to tables)";
     "MEDALLION_INGEST_MAX_BYTES", Some("-1"), "ingest", "Ingest stream size limit; publishers are refused when full (-1: none)";
+    "MEDALLION_REPLICA_ID", None, "ingest,transform,aggregate", "This replica's name among the stage's replicas (unique per process; the chart uses the pod name). Default: <hostname>-<pid>";
+    "MEDALLION_LEASE_TTL", Some("6s"), "ingest,transform,aggregate", "How long a replica's leases on its units outlive its last renewal (renewed every third of it); the same on every replica";
     "MEDALLION_STREAM_REPLICAS", Some("1"), "ingest,transform,aggregate,catalog", "Replicas of every stream and of the registry (3 on a cluster)";
     "MEDALLION_PII_KEY", None, "transform,catalog", "Secret key of the keyed hash of PII columns (required when a product hashes PII)";
     "MEDALLION_JWT_SECRET", None, "catalog,cli", "HS256 secret verifying catalog bearer tokens";

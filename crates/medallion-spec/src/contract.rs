@@ -92,6 +92,11 @@ impl Contract {
         &self.product.spec.key
     }
 
+    /// Units of work this product is spread over in every stage.
+    pub fn partitions(&self) -> u32 {
+        self.product.spec.partitions.max(1)
+    }
+
     /// Parses YAML and compiles it.
     pub async fn from_yaml(text: &str) -> Result<Contract, SpecErrors> {
         Contract::compile(parse_yaml(text)?).await
@@ -406,6 +411,16 @@ fn check_structure(p: &DataProduct, errors: &mut Vec<SpecError>) {
                 "grant at least one of bronze, silver, gold".into(),
             );
         }
+    }
+    if !(1..=crate::model::MAX_PARTITIONS).contains(&s.partitions) {
+        err(
+            "spec.partitions".into(),
+            format!(
+                "{} is not a partition count; use 1 to {} (1 unless one product needs more than one replica per stage)",
+                s.partitions,
+                crate::model::MAX_PARTITIONS
+            ),
+        );
     }
     if let Some(sla) = &s.sla
         && parse_duration(&sla.freshness).is_none()

@@ -22,7 +22,10 @@ pub use contract::{
 pub use error::{SpecError, SpecErrors};
 pub use gold::{AggKind, GoldPlan, OutputColumn};
 pub use model::*;
-pub use names::{TableRef, ingest_subject, parse_ingest_subject};
+pub use names::{
+    INGEST_SLOTS, IngestSlot, TableRef, ingest_slot_subject, ingest_subject, parse_ingest_slot,
+    parse_ingest_subject, version_partition,
+};
 pub use types::ColumnType;
 
 #[cfg(test)]

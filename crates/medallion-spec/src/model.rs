@@ -61,6 +61,26 @@ pub struct ProductSpec {
     pub access: Vec<Access>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sla: Option<Sla>,
+    /// Units of work the product is spread over in every stage, 1 to 32
+    /// (default 1); may change at any time.
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    #[cfg_attr(
+        feature = "schema",
+        schemars(range(min = 1, max = 32), extend("format" = "int32"))
+    )]
+    pub partitions: u32,
+}
+
+/// The most partitions a product may have: ingest spreads keyed subjects over
+/// this many slots, and each partition takes a share of them.
+pub const MAX_PARTITIONS: u32 = 32;
+
+fn one() -> u32 {
+    1
+}
+
+fn is_one(n: &u32) -> bool {
+    *n == 1
 }
 
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]

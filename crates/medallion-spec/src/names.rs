@@ -54,9 +54,31 @@ impl TableRef {
         format!("{}.{}.{}", self.layer, self.domain, self.name)
     }
 
-    /// The subject on which this table's commits are announced.
+    /// The subject on which this table's commits are announced (partition 0).
     pub fn event_subject(&self) -> String {
         format!("medallion.{}.{}.{}", self.layer, self.domain, self.name)
+    }
+
+    /// The subject of one partition's events: partition 0 keeps the plain
+    /// subject, so a product with one partition is announced exactly as
+    /// before partitions existed; partition k > 0 adds a token `.k`.
+    pub fn partition_subject(&self, partition: u32) -> String {
+        match partition {
+            0 => self.event_subject(),
+            k => format!("{}.{k}", self.event_subject()),
+        }
+    }
+
+    /// The partition an event subject names, if it is one of this table's.
+    pub fn subject_partition(&self, subject: &str) -> Option<u32> {
+        let base = self.event_subject();
+        let rest = subject.strip_prefix(base.as_str())?;
+        if rest.is_empty() {
+            return Some(0);
+        }
+        let k: u32 = rest.strip_prefix('.')?.parse().ok()?;
+        // One spelling per partition: `.0` and `.01` are not subjects we publish.
+        (k > 0 && rest[1..] == k.to_string()).then_some(k)
     }
 
     pub fn is_quarantine(&self) -> bool {
@@ -87,11 +109,69 @@ impl fmt::Display for TableRef {
     }
 }
 
-/// `medallion.ingest.<domain>.<product>` → (domain, product), if both are valid names.
+/// Keyed publishes (`medallion.ingest.<domain>.<product>.<key>`) are stored
+/// by the ingest stream under one of this many slots in place of the key
+/// (the stream's subject transform hashes the key token); partitions take
+/// slots, so a partition count may change while messages wait.
+pub const INGEST_SLOTS: u32 = 32;
+
+/// Where a raw message waits in the ingest stream: the plain subject, or
+/// one slot of keyed publishes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum IngestSlot {
+    Plain,
+    Keyed(u32),
+}
+
+impl IngestSlot {
+    /// The partition of a product with `partitions` partitions that lands
+    /// this slot: plain publishes go to partition 0, keyed slot s to s mod n.
+    pub fn partition(self, partitions: u32) -> u32 {
+        match self {
+            IngestSlot::Plain => 0,
+            IngestSlot::Keyed(s) => s % partitions.max(1),
+        }
+    }
+}
+
+/// `medallion.ingest.<domain>.<product>` (or a keyed slot of it,
+/// `….<slot>` as the ingest stream stores it) → (domain, product), if both
+/// are valid names.
 pub fn parse_ingest_subject(subject: &str) -> Option<(&str, &str)> {
+    parse_ingest_slot(subject).map(|(d, p, _)| (d, p))
+}
+
+/// Like [`parse_ingest_subject`], with the slot.
+pub fn parse_ingest_slot(subject: &str) -> Option<(&str, &str, IngestSlot)> {
     let rest = subject.strip_prefix("medallion.ingest.")?;
-    let (domain, product) = rest.split_once('.')?;
-    (is_valid_name(domain) && is_valid_name(product)).then_some((domain, product))
+    let mut it = rest.split('.');
+    let (domain, product) = (it.next()?, it.next()?);
+    let slot = match it.next() {
+        None => IngestSlot::Plain,
+        Some(t) => {
+            let s: u32 = t.parse().ok().filter(|s| *s < INGEST_SLOTS)?;
+            if t != s.to_string() || it.next().is_some() {
+                return None;
+            }
+            IngestSlot::Keyed(s)
+        }
+    };
+    (is_valid_name(domain) && is_valid_name(product)).then_some((domain, product, slot))
+}
+
+/// The ingest stream subject of a slot.
+pub fn ingest_slot_subject(domain: &str, product: &str, slot: IngestSlot) -> String {
+    match slot {
+        IngestSlot::Plain => ingest_subject(domain, product),
+        IngestSlot::Keyed(s) => format!("{}.{s}", ingest_subject(domain, product)),
+    }
+}
+
+/// The partition whose consumers receive the event of upstream version
+/// `version`: versions are dealt round-robin, so every partition of a
+/// stage gets an even share whatever the producers do.
+pub fn version_partition(version: i64, partitions: u32) -> u32 {
+    (version.rem_euclid(i64::from(partitions.max(1)))) as u32
 }
 
 pub fn ingest_subject(domain: &str, product: &str) -> String {
@@ -125,6 +205,31 @@ mod tests {
     }
 
     #[test]
+    fn partition_subjects() {
+        let t = TableRef::bronze("finance", "payments");
+        assert_eq!(t.partition_subject(0), "medallion.bronze.finance.payments");
+        assert_eq!(
+            t.partition_subject(3),
+            "medallion.bronze.finance.payments.3"
+        );
+        for k in [0, 1, 3, 31] {
+            assert_eq!(t.subject_partition(&t.partition_subject(k)), Some(k));
+        }
+        for bad in [
+            "medallion.bronze.finance.payments.0",
+            "medallion.bronze.finance.payments.01",
+            "medallion.bronze.finance.payments_x",
+            "medallion.bronze.finance.payments.x",
+            "medallion.silver.finance.payments",
+        ] {
+            assert_eq!(t.subject_partition(bad), None, "{bad}");
+        }
+        assert_eq!(version_partition(7, 4), 3);
+        assert_eq!(version_partition(7, 1), 0);
+        assert_eq!(version_partition(7, 0), 0);
+    }
+
+    #[test]
     fn ingest_subjects() {
         assert_eq!(
             parse_ingest_subject("medallion.ingest.finance.payments"),
@@ -134,6 +239,19 @@ mod tests {
             parse_ingest_subject("medallion.ingest.finance.payments.x"),
             None
         );
+        assert_eq!(
+            parse_ingest_slot("medallion.ingest.finance.payments.31"),
+            Some(("finance", "payments", IngestSlot::Keyed(31)))
+        );
+        for bad in ["32", "07", "-1", "1.2", ""] {
+            assert_eq!(
+                parse_ingest_slot(&format!("medallion.ingest.finance.payments.{bad}")),
+                None,
+                "{bad}"
+            );
+        }
+        assert_eq!(IngestSlot::Keyed(13).partition(4), 1);
+        assert_eq!(IngestSlot::Plain.partition(4), 0);
         assert_eq!(
             parse_ingest_subject("medallion.ingest.Finance.payments"),
             None

@@ -20,6 +20,8 @@ pub struct AggregateConfig {
     pub reload_interval: Duration,
     /// Attempts at a row that crashes the aggregation before it is dead-lettered.
     pub max_deliver: u32,
+    /// This replica's name and lease time-to-live.
+    pub ownership: medallion_stage::OwnershipSettings,
 }
 
 impl AggregateConfig {
@@ -34,6 +36,7 @@ impl AggregateConfig {
             specs: SpecOrigin::from_env(env),
             reload_interval: env.duration("MEDALLION_RELOAD_INTERVAL"),
             max_deliver: env.usize("MEDALLION_MAX_DELIVER", 1).min(u32::MAX as usize) as u32,
+            ownership: medallion_stage::OwnershipSettings::from_env(env),
         }
     }
 }

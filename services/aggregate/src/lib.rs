@@ -12,9 +12,11 @@
 //! replay) triggers a full refresh of Gold from Silver.
 
 pub mod config;
+mod merge;
 pub mod poison;
 mod service;
 pub mod state;
+mod tables;
 
 pub use config::AggregateConfig;
 pub use service::run;

@@ -80,6 +80,11 @@ impl GoldState {
         self.buckets.iter_mut().for_each(HashMap::clear);
     }
 
+    /// Forgets one bucket's groups (before loading its rewritten file).
+    pub fn clear_bucket(&mut self, bucket: usize) {
+        self.buckets[bucket].clear();
+    }
+
     /// Aggregates Silver rows into partial results with the Gold SQL's own
     /// group expressions and WHERE clause (planned by DataFusion).
     pub async fn partials(

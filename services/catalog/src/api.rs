@@ -33,6 +33,7 @@ pub struct AppState {
     /// Shared with the Kubernetes controller, which must not take a product a file owns.
     pub seed: Arc<tokio::sync::Mutex<crate::seed::FolderSeed>>,
     pub client: async_nats::Client,
+    pub js: async_nats::jetstream::Context,
     pub health: medallion_runtime::Health,
     pub quality: crate::quality::Quality,
     pub dead_letters: crate::dead_letters::DeadLetterMap,
@@ -82,6 +83,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .routes(routes!(table_info))
         .routes(routes!(query))
         .routes(routes!(audit_log))
+        .routes(routes!(crate::pipeline_api::pipeline))
         .with_state(state)
         .split_for_parts();
     let doc = Arc::new(doc);

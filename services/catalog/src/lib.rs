@@ -14,6 +14,7 @@ pub mod config;
 pub mod dead_letters;
 pub mod kube;
 pub mod openlineage;
+mod pipeline_api;
 pub mod quality;
 pub mod seed;
 mod service;

@@ -38,6 +38,7 @@ pub async fn run(config: CatalogConfig, rt: Runtime) -> anyhow::Result<()> {
             config.products.clone(),
         ))),
         client: client.clone(),
+        js: js.clone(),
         health: rt.health.clone(),
         quality: crate::quality::follow(js.clone()),
         dead_letters: crate::dead_letters::follow(js.clone()),

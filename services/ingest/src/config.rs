@@ -13,6 +13,12 @@ pub struct IngestConfig {
     pub addr: SocketAddr,
     pub streams: StreamSettings,
     pub batch: BatchLimits,
+    /// Where product specs come from: ingest needs only their partition counts.
+    pub specs: medallion_bus::registry::SpecOrigin,
+    /// How often specs and the stream's subjects are looked at again.
+    pub reload_interval: std::time::Duration,
+    /// This replica's name and lease time-to-live.
+    pub ownership: medallion_stage::OwnershipSettings,
 }
 
 impl IngestConfig {
@@ -23,6 +29,9 @@ impl IngestConfig {
             addr: env.socket_addr("MEDALLION_INGEST_ADDR"),
             streams: StreamSettings::from_env(env),
             batch: BatchLimits::from_env(env),
+            specs: medallion_bus::registry::SpecOrigin::from_env(env),
+            reload_interval: env.duration("MEDALLION_RELOAD_INTERVAL"),
+            ownership: medallion_stage::OwnershipSettings::from_env(env),
         }
     }
 }

@@ -19,6 +19,7 @@
 mod bronze_rows;
 pub mod config;
 mod service;
+mod unit;
 
 pub use bronze_rows::RawMessage;
 pub use config::IngestConfig;

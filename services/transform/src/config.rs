@@ -23,6 +23,8 @@ pub struct TransformConfig {
     pub reload_interval: Duration,
     /// Attempts at a message that crashes the transform before it is dead-lettered.
     pub max_deliver: u32,
+    /// This replica's name and lease time-to-live.
+    pub ownership: medallion_stage::OwnershipSettings,
 }
 
 impl TransformConfig {
@@ -47,6 +49,7 @@ impl TransformConfig {
             pii_key,
             reload_interval: env.duration("MEDALLION_RELOAD_INTERVAL"),
             max_deliver: env.usize("MEDALLION_MAX_DELIVER", 1).min(u32::MAX as usize) as u32,
+            ownership: medallion_stage::OwnershipSettings::from_env(env),
         }
     }
 }

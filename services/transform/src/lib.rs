@@ -17,6 +17,7 @@
 //! the reconcile tick.
 
 pub mod cleanse;
+mod commit;
 pub mod config;
 pub mod crash_check;
 pub mod decode;
@@ -26,6 +27,8 @@ pub mod pipeline;
 pub mod poison;
 pub mod rfc3339;
 mod service;
+mod state;
+mod step;
 
 pub use config::TransformConfig;
 pub use service::run;

@@ -49,7 +49,27 @@ impl JsonSchema for DataProductSpec {
     }
 
     fn json_schema(generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
-        ProductSpec::json_schema(generator)
+        let mut schema = ProductSpec::json_schema(generator);
+        if let Some(o) = schema.as_object_mut() {
+            o.values_mut().for_each(drop_empty_string_defaults);
+        }
+        schema
+    }
+}
+
+/// Kubernetes 1.20's API server refuses a CRD whose schema defaults a string
+/// to `""` ("must be of type string: \"null\""), and the default adds
+/// nothing: a missing `owner` or `description` reads as empty anyway.
+fn drop_empty_string_defaults(v: &mut serde_json::Value) {
+    match v {
+        serde_json::Value::Object(o) => {
+            if o.get("default") == Some(&serde_json::Value::String(String::new())) {
+                o.remove("default");
+            }
+            o.values_mut().for_each(drop_empty_string_defaults);
+        }
+        serde_json::Value::Array(a) => a.iter_mut().for_each(drop_empty_string_defaults),
+        _ => {}
     }
 }
 
