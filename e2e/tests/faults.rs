@@ -1,7 +1,7 @@
 //! Faults against the real binaries, checked by exact accounting against
-//! the input (computed here): every service is SIGKILLed in turn while a
-//! producer publishes and then re-sends everything, half with `Nats-Msg-Id`
-//! and half without.
+//! the input (computed here): with two replicas of every stage, each replica
+//! is SIGKILLed in turn while a producer publishes and then re-sends
+//! everything, half with `Nats-Msg-Id` and half without.
 //!
 //! Expected: Bronze holds every *message* once (a re-send with the same id is
 //! one message to JetStream; one without an id is a new message); Silver
@@ -132,13 +132,25 @@ async fn kill_9_each_service_while_producers_resend_everything() {
     let nats = NatsServer::start();
     let lake = tempfile::tempdir().unwrap();
     let logs = tempfile::tempdir().unwrap();
-    let names = NAMES;
-    let vars = service_vars(&nats.url(), lake.path());
-    let mut services: Vec<Service> = names
-        .iter()
-        .zip(&vars)
-        .map(|(n, v)| Service::start(n, v, logs.path()))
+    // Two replicas of each stage, as the chart runs them: a kill costs the
+    // stage half its replicas until the other takes the units over.
+    let names: Vec<&'static str> = NAMES.iter().flat_map(|n| [*n, *n]).collect();
+    let vars: Vec<BTreeMap<String, String>> = service_vars(&nats.url(), lake.path())
+        .into_iter()
+        .zip(service_vars(&nats.url(), lake.path()))
+        .zip(NAMES)
+        .flat_map(|((a, b), name)| {
+            [(a, 0), (b, 1)].map(|(mut v, copy)| {
+                v.insert("MEDALLION_REPLICA_ID".into(), format!("{name}-{copy}"));
+                v.insert("MEDALLION_LEASE_TTL".into(), "3s".into());
+                v
+            })
+        })
         .collect();
+    let start = |i: usize| {
+        Service::start_named(names[i], &vars[i]["MEDALLION_REPLICA_ID"], &vars[i], logs.path())
+    };
+    let mut services: Vec<Service> = (0..names.len()).map(start).collect();
     let producer = produce(nats.url());
 
     // SIGKILL each service in turn, then (long variant) at random, while the
@@ -154,14 +166,15 @@ async fn kill_9_each_service_while_producers_resend_everything() {
     let mut kills = 0;
     for round in 0..wanted {
         tokio::time::sleep(Duration::from_millis(1200)).await;
-        let i = if round < 6 {
-            round % 3
+        let i = if round < names.len() {
+            // Each replica once, alternating stages.
+            (round % 3) * 2 + round / 3
         } else {
             // xorshift: a different order each run (the seed is printed).
             seed ^= seed << 13;
             seed ^= seed >> 7;
             seed ^= seed << 17;
-            (seed % 3) as usize
+            (seed % names.len() as u64) as usize
         };
         eprintln!(
             "kill -9 {} at {:.1}s",
@@ -171,7 +184,7 @@ async fn kill_9_each_service_while_producers_resend_everything() {
         services[i].kill();
         kills += 1;
         tokio::time::sleep(Duration::from_millis(300)).await;
-        services[i] = Service::start(names[i], &vars[i], logs.path());
+        services[i] = start(i);
     }
     producer.await.unwrap();
     let published = started.elapsed();

@@ -179,7 +179,7 @@ async fn an_unwritable_lake_delays_but_loses_and_duplicates_nothing() {
     // Back-off, not a hot loop: each retry of the unwritable Silver is a log line.
     let retries = services[1]
         .logs()
-        .matches("cannot open silver tables")
+        .matches("cannot open the product's tables")
         .count();
     println!("lake outage B (silver _delta_log): transform retried opening silver {retries} times");
     assert!(
@@ -215,15 +215,15 @@ async fn an_unwritable_lake_delays_but_loses_and_duplicates_nothing() {
         "aggregate reports gold on /readyz",
         || async {
             let (code, body) = readyz(&aggregate_addr).await;
-            code == 503 && body.contains("gold finance.payments")
+            code == 503 && body.contains("lake finance.payments")
         },
     )
     .await;
     tokio::time::sleep(outage).await;
     restore_dir(&gold_log, &away);
     let logs = services[2].logs();
-    let retries = logs.matches("cannot open gold tables").count()
-        + logs.matches("gold commit failed").count();
+    let retries = logs.matches("cannot open the product's tables").count()
+        + logs.matches("commit failed; retrying from the tables").count();
     println!("lake outage C (gold _delta_log): aggregate retried {retries} times");
     assert!(
         (1..=10).contains(&retries),

@@ -6,6 +6,10 @@
 //! message once, Silver the first occurrence of each key in Bronze order,
 //! Gold the one-shot aggregate, and no unit ever committed by two replicas
 //! (in each table's Delta log, every transaction app id only moves forward).
+//! Measured on the way: how fast a dead replica's units move (failover) and a
+//! new replica gets its share (join); then one replica per stage is stopped
+//! gracefully during a second wave: it hands its leases back and leaves
+//! nothing to be redelivered.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
@@ -91,7 +95,7 @@ fn replica_vars(
 /// Publishes every product's events; the hot product's messages go to keyed
 /// subjects (spread over its partitions) and every tenth is published again
 /// later under another key token, so the same keys reach other partitions.
-fn produce(url: String) -> tokio::task::JoinHandle<usize> {
+fn produce(url: String, waves: std::ops::Range<usize>) -> tokio::task::JoinHandle<usize> {
     tokio::spawn(async move {
         let client = async_nats::ConnectOptions::new()
             .retry_on_initial_connect()
@@ -99,10 +103,9 @@ fn produce(url: String) -> tokio::task::JoinHandle<usize> {
             .await
             .unwrap();
         let js = async_nats::jetstream::new(client);
-        let per_product = EVENTS / PRODUCTS;
-        let messages = per_product / PER_MESSAGE;
+        let messages = EVENTS / PRODUCTS / PER_MESSAGE;
         let mut published = 0;
-        for m in 0..messages {
+        for m in waves.start * messages..waves.end * messages {
             for p in 0..PRODUCTS {
                 let body = (m * PER_MESSAGE..(m + 1) * PER_MESSAGE)
                     .map(line)
@@ -168,25 +171,86 @@ struct Replicas {
     lake: std::path::PathBuf,
     specs: std::path::PathBuf,
     logs: std::path::PathBuf,
-    running: Vec<(usize, Service)>,
+    /// (stage, replica id, process)
+    running: Vec<(usize, String, Service)>,
+    /// Replica id → its HTTP address (metrics).
+    addrs: HashMap<String, String>,
     started: usize,
 }
 
 impl Replicas {
     fn start(&mut self, stage: usize) {
-        let vars = replica_vars(&self.nats, &self.lake, &self.specs, stage, self.started);
         self.started += 1;
-        let s = Service::start_named(
-            STAGES[stage].0,
-            &format!("{}-{}", STAGES[stage].0, self.started),
-            &vars,
-            &self.logs,
-        );
-        self.running.push((stage, s));
+        let vars = replica_vars(&self.nats, &self.lake, &self.specs, stage, self.started);
+        let id = vars["MEDALLION_REPLICA_ID"].clone();
+        let s = Service::start_named(STAGES[stage].0, &id, &vars, &self.logs);
+        self.addrs.insert(id.clone(), vars[STAGES[stage].1].clone());
+        self.running.push((stage, id, s));
     }
 
     fn services(&self) -> Vec<&Service> {
-        self.running.iter().map(|(_, s)| s).collect()
+        self.running.iter().map(|(_, _, s)| s).collect()
+    }
+
+    fn live(&self, stage: usize) -> Vec<String> {
+        self.running
+            .iter()
+            .filter(|(st, _, _)| *st == stage)
+            .map(|(_, id, _)| id.clone())
+            .collect()
+    }
+}
+
+/// The lease holder of every unit of `stage` (by the stage's name in the
+/// owners bucket).
+async fn holders(js: &async_nats::jetstream::Context, stage: usize) -> BTreeMap<String, String> {
+    let name = STAGES[stage].0.trim_start_matches("medallion-");
+    let Ok(Some(o)) = medallion_bus::ownership::Owners::open_existing(js).await else {
+        return BTreeMap::new();
+    };
+    let Ok(view) = o.view().await else {
+        return BTreeMap::new();
+    };
+    view.leases
+        .into_iter()
+        .filter(|(st, _, _)| st == name)
+        .map(|(_, u, l)| (u.to_string(), l.replica))
+        .collect()
+}
+
+/// The units of `stage`: every product partition (ingest also has its
+/// dead-letter unit).
+fn units_of(stage: usize) -> usize {
+    (PRODUCTS - 1) + HOT_PARTITIONS as usize + usize::from(stage == 0)
+}
+
+/// Waits until every unit of `stage` is held by one of `live` and their loads
+/// differ by at most one; how long that took.
+async fn rebalanced(js: &async_nats::jetstream::Context, stage: usize, live: &[String]) -> Duration {
+    let t0 = Instant::now();
+    loop {
+        let h = holders(js, stage).await;
+        let mut load: BTreeMap<&str, usize> = live.iter().map(|l| (l.as_str(), 0)).collect();
+        let mut all_live = h.len() == units_of(stage);
+        for r in h.values() {
+            match load.get_mut(r.as_str()) {
+                Some(n) => *n += 1,
+                None => all_live = false,
+            }
+        }
+        let (min, max) = (
+            load.values().min().copied().unwrap_or(0),
+            load.values().max().copied().unwrap_or(0),
+        );
+        if all_live && max - min <= 1 {
+            return t0.elapsed();
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "{} units not rebalanced over {live:?}: {h:?}",
+            STAGES[stage].0
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
@@ -205,6 +269,7 @@ async fn three_replicas_per_stage_survive_ten_kills_and_every_layer_is_exact() {
         specs: specs.path().to_path_buf(),
         logs: logs.path().to_path_buf(),
         running: Vec::new(),
+        addrs: HashMap::new(),
         started: 0,
     };
     for stage in 0..3 {
@@ -212,29 +277,53 @@ async fn three_replicas_per_stage_survive_ten_kills_and_every_layer_is_exact() {
             r.start(stage);
         }
     }
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    for stage in 0..3 {
+        let t = rebalanced(&js, stage, &r.live(stage)).await;
+        eprintln!("{}: {} units spread over 3 replicas in {:.1}s", STAGES[stage].0, units_of(stage), t.as_secs_f64());
+    }
     let started = Instant::now();
-    let producer = produce(nats.url());
+    let producer = produce(nats.url(), 0..1);
     let mut seed = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .subsec_nanos() as u64
         | 1;
     eprintln!("kill order seed {seed}");
+    // Per kill: how long until the dead replica's units are all held by the
+    // survivors (failover), and until a new replica has its fair share (join).
+    let (mut failovers, mut joins) = (Vec::new(), Vec::new());
     for k in 0..KILLS {
         tokio::time::sleep(Duration::from_millis(1500)).await;
         seed ^= seed << 13;
         seed ^= seed >> 7;
         seed ^= seed << 17;
         let i = (seed % r.running.len() as u64) as usize;
-        let (stage, mut s) = r.running.remove(i);
+        let (stage, _, mut s) = r.running.remove(i);
         eprintln!(
             "kill -9 #{k}: {} at {:.1}s",
             s.name,
             started.elapsed().as_secs_f64()
         );
         s.kill();
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        failovers.push(rebalanced(&js, stage, &r.live(stage)).await);
         r.start(stage);
+        joins.push(rebalanced(&js, stage, &r.live(stage)).await);
+    }
+    for (what, mut t) in [("failover after kill -9", failovers), ("join of a new replica", joins)] {
+        t.sort();
+        eprintln!(
+            "{what}: p50 {:.1}s, max {:.1}s over {} (lease TTL 3s)",
+            t[t.len() / 2].as_secs_f64(),
+            t[t.len() - 1].as_secs_f64(),
+            t.len()
+        );
+        assert!(
+            t[t.len() - 1] <= Duration::from_secs(10),
+            "{what}: units without a live holder for {:?}",
+            t[t.len() - 1]
+        );
     }
     let published = producer.await.unwrap();
     eprintln!(
@@ -247,7 +336,59 @@ async fn three_replicas_per_stage_survive_ten_kills_and_every_layer_is_exact() {
         settled.as_secs_f64()
     );
     check(lake.path(), published).await;
-    let mut all: Vec<Service> = r.running.drain(..).map(|(_, s)| s).collect();
+
+    // A graceful stop (SIGTERM, as a rolling update or a drain does) of one
+    // replica per stage while a second wave is published: its units move at
+    // once, without waiting for the leases to expire, and what it pulled is
+    // processed and acked before it goes, so nothing is delivered twice.
+    let leaving: Vec<String> = (0..3).map(|stage| r.live(stage)[0].clone()).collect();
+    let staying: Vec<String> = r
+        .running
+        .iter()
+        .map(|(_, id, _)| id.clone())
+        .filter(|id| !leaving.contains(id))
+        .collect();
+    let redelivered = async |r: &Replicas| {
+        let mut n = 0.0;
+        for id in &staying {
+            n += medallion_e2e::metric(&r.addrs[id], "medallion_redeliveries_total", &[]).await;
+        }
+        n
+    };
+    // What the kills left unacked comes back once the ack wait (5 s) is over.
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    let before = redelivered(&r).await;
+    let producer = produce(nats.url(), 1..2);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    for (stage, id) in leaving.iter().enumerate() {
+        let i = r.running.iter().position(|(_, x, _)| x == id).unwrap();
+        let (_, _, mut s) = r.running.remove(i);
+        let t0 = Instant::now();
+        let status = s.stop();
+        let stopped = t0.elapsed();
+        assert!(status.success(), "{id} did not stop cleanly: {status}\n{}", tail(&s.logs(), 40));
+        let still: Vec<String> = holders(&js, stage)
+            .await
+            .into_iter()
+            .filter(|(_, r)| r == id)
+            .map(|(u, _)| u)
+            .collect();
+        assert!(still.is_empty(), "{id} stopped gracefully but still holds {still:?}");
+        let moved = rebalanced(&js, stage, &r.live(stage)).await;
+        eprintln!(
+            "graceful stop of {id}: exited {:.1}s after SIGTERM, its units held by the others {:.1}s later",
+            stopped.as_secs_f64(),
+            moved.as_secs_f64()
+        );
+    }
+    let published = published + producer.await.unwrap();
+    wait_settled(lake.path(), published, &r.services()).await;
+    check(lake.path(), published).await;
+    let after = redelivered(&r).await;
+    eprintln!("messages redelivered across the graceful stops: {}", after - before);
+    assert_eq!(after - before, 0.0, "a graceful stop left messages to be redelivered");
+
+    let mut all: Vec<Service> = r.running.drain(..).map(|(_, _, s)| s).collect();
     stop_all(&mut all);
 }
 

@@ -398,7 +398,16 @@ impl TableWriter {
         let delta = |e| LakeError::delta(&tref, e);
         let mut actions: Vec<Action> = Vec::new();
         let mut added = Vec::new();
-        let evolve_to = self.schema_change(groups, &mode)?;
+        let evolve_to = match self.schema_change(groups, &mode) {
+            // No rows to break: an emptied table (a full refresh's first
+            // commit) takes the new spec's schema with its first rows.
+            Err(LakeError::Schema { .. })
+                if list_files(&self.tref, &self.table).await?.is_empty() =>
+            {
+                self.schema_change(groups, &WriteMode::Overwrite)?
+            }
+            r => r?,
+        };
         for batches in groups {
             if batches.iter().all(|b| b.num_rows() == 0) {
                 continue;

@@ -120,6 +120,8 @@ struct State {
     released: BTreeSet<UnitId>,
     backlog: BTreeMap<UnitId, i64>,
     rebalances: u64,
+    /// Shutting down: hand units back, take none.
+    leaving: bool,
 }
 
 struct Shared {
@@ -235,6 +237,14 @@ impl Ownership {
         s.held.keys().cloned().collect()
     }
 
+    /// The replica is shutting down: from now on it takes no unit, and
+    /// leaves the member list so the others take its units as it hands them
+    /// back.
+    pub fn stop_acquiring(&self) {
+        self.shared.state.lock().expect("not poisoned").leaving = true;
+        self.shared.wake.notify_one();
+    }
+
     /// Hands every lease back and leaves the stage: call after the stage has
     /// stopped working on its units (a graceful shutdown).
     pub async fn shutdown(mut self) {
@@ -320,6 +330,10 @@ impl Manager {
     async fn cycle(&self, started: &str) {
         self.renew().await;
         self.hand_back().await;
+        if self.state().leaving {
+            let _ = self.owners.leave(self.stage, &self.lease.replica).await;
+            return;
+        }
         let member = {
             let s = self.state();
             MemberRecord {

@@ -7,11 +7,13 @@
 //! - [`runner`]: the loop of a stage downstream of a table — events or the
 //!   table itself, back-off, the timer — calling the stage for its own work.
 //! - [`chain`]: when a replica may commit versions other replicas also feed.
+//! - [`poison`]: finding the rows whose processing panics every time.
 
 pub mod assign;
 pub mod chain;
 pub mod feed;
 pub mod lease;
+pub mod poison;
 pub mod runner;
 
 pub use chain::{Partitions, Run};

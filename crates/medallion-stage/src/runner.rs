@@ -277,6 +277,7 @@ pub async fn run<S: Stage>(stage: S, spec: StageSpec, deps: StageDeps) -> anyhow
         }
     }
     info!(stage = spec.name, "stopping: handing the units over");
+    ownership.stop_acquiring();
     // Every unit's feed finishes its fetch; what it pulled is processed and
     // acked here, so the next holder has nothing waiting for redelivery.
     for u in r.active_units() {
@@ -583,6 +584,14 @@ impl<S: Stage> Runner<S> {
         for (u, m) in &messages {
             if let Ok(info) = m.info() {
                 behind.insert(u.clone(), info.pending);
+                if info.delivered > 1 {
+                    // Not lost work (the table is the cursor) but repeated
+                    // work: a handover that did not drain, or a crash.
+                    self.metrics
+                        .redeliveries
+                        .with_label_values(&[&format!("{}-{u}", self.spec.durable_prefix)])
+                        .inc();
+                }
             }
             by_product
                 .entry((u.domain.clone(), u.product.clone()))

@@ -8,12 +8,9 @@
 //! Silver version; the per-row DLQ subject makes a re-park after a crash a
 //! no-op, and once Gold has committed, the version is never merged again.
 
-use std::panic::AssertUnwindSafe;
-
 use arrow::array::{Array, AsArray, RecordBatch};
 use arrow::datatypes::{DataType, Int64Type};
 use async_nats::jetstream;
-use futures::FutureExt;
 use medallion_bus::headers;
 use medallion_bus::streams::INGEST_STREAM;
 use medallion_runtime::failpoint;
@@ -56,25 +53,16 @@ fn inject(rows: &[RecordBatch]) {
     }
 }
 
-fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
-    p.downcast_ref::<String>()
-        .cloned()
-        .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-        .unwrap_or_else(|| "panic without a message".into())
-}
-
 /// `Err(panic message)` if aggregating `rows` panics.
 async fn attempt(
     state: &GoldState,
     rows: &[RecordBatch],
 ) -> Result<datafusion::error::Result<Vec<RecordBatch>>, String> {
-    AssertUnwindSafe(async {
+    medallion_stage::poison::guarded_async(async {
         inject(rows);
         state.partials(rows).await
     })
-    .catch_unwind()
     .await
-    .map_err(|p| panic_message(p.as_ref()))
 }
 
 /// The partial aggregates of `rows` (batch `i` from Silver version
@@ -91,45 +79,17 @@ pub async fn partials(
         Ok(r) => return r.map(|p| (p, Vec::new())).map_err(|e| e.to_string()),
         Err(m) => m,
     };
-    // Bisect each batch: a slice that aggregates fine is not searched further.
     let mut poison = Vec::new();
     let mut clean: Vec<RecordBatch> = Vec::new();
     for (bi, b) in rows.iter().enumerate() {
-        let mut stack = vec![(0usize, b.num_rows())];
-        while let Some((off, len)) = stack.pop() {
-            if len == 0 {
-                continue;
-            }
-            let slice = b.slice(off, len);
-            match attempt(state, std::slice::from_ref(&slice)).await {
-                Ok(_) => clean.push(slice),
-                Err(m) if len == 1 => {
-                    let mut reason = m;
-                    let mut deliveries = 1;
-                    let mut repeated = true;
-                    while deliveries < max_deliver {
-                        deliveries += 1;
-                        match attempt(state, std::slice::from_ref(&slice)).await {
-                            Err(m) => reason = m,
-                            Ok(_) => {
-                                repeated = false;
-                                break;
-                            }
-                        }
-                    }
-                    if repeated {
-                        poison.push(describe(&slice, versions[bi], reason, deliveries));
-                    } else {
-                        clean.push(slice);
-                    }
-                }
-                Err(_) => {
-                    let half = len / 2;
-                    stack.push((off + half, len - half));
-                    stack.push((off, half));
-                }
-            }
+        let suspects = medallion_stage::poison::isolate(b, max_deliver, |slice| async move {
+            attempt(state, std::slice::from_ref(&slice)).await.map(|_| ())
+        })
+        .await;
+        for s in &suspects {
+            poison.push(describe(&b.slice(s.row, 1), versions[bi], s.reason.clone(), s.deliveries));
         }
+        clean.push(medallion_stage::poison::without(b, &suspects).map_err(|e| e.to_string())?);
     }
     if poison.is_empty() {
         return Err(format!(

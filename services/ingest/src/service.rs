@@ -81,6 +81,7 @@ pub async fn run(config: IngestConfig, rt: Runtime) -> anyhow::Result<()> {
         }
     }
     info!("ingest stopping: finishing each unit's batch");
+    ownership.stop_acquiring();
     for w in stage.workers.values() {
         w.stop.cancel();
     }

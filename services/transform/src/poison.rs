@@ -12,11 +12,7 @@
 //! are never processed again: each poison message is in the DLQ exactly once
 //! and in the quality counts (`dead_lettered`) exactly once.
 
-use std::any::Any;
-use std::panic::{AssertUnwindSafe, catch_unwind};
-
-use arrow::array::{Array, AsArray, BooleanArray, RecordBatch};
-use arrow::compute::filter_record_batch;
+use arrow::array::{Array, AsArray, RecordBatch};
 use arrow::datatypes::Int64Type;
 use async_nats::jetstream;
 use medallion_bus::dlq::one_line;
@@ -63,18 +59,7 @@ pub fn inject(b: &RecordBatch) {
     }
 }
 
-/// The text of a caught panic.
-pub fn panic_message(p: &(dyn Any + Send)) -> String {
-    p.downcast_ref::<String>()
-        .cloned()
-        .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-        .unwrap_or_else(|| "panic without a message".into())
-}
-
-/// Runs `f`, turning a panic into `Err(message)`.
-pub fn guarded<T>(f: impl FnOnce() -> T) -> Result<T, String> {
-    catch_unwind(AssertUnwindSafe(f)).map_err(|p| panic_message(p.as_ref()))
-}
+pub use medallion_stage::poison::guarded;
 
 /// What is left of a batch once its poison rows are taken out.
 pub struct Isolated {
@@ -90,63 +75,18 @@ pub fn isolate(
     batch: &RecordBatch,
     version: i64,
     max_deliver: u32,
-    mut attempt: impl FnMut(&RecordBatch) -> Result<(), String>,
+    attempt: impl FnMut(&RecordBatch) -> Result<(), String>,
 ) -> Option<Isolated> {
-    let mut suspects = Vec::new();
-    bisect(batch, 0, batch.num_rows(), &mut attempt, &mut suspects);
-    let mut poison = Vec::new();
-    let mut keep = vec![true; batch.num_rows()];
-    for (row, first) in suspects {
-        // The bisection was the first delivery; retry up to max_deliver.
-        let one = batch.slice(row, 1);
-        let mut reason = first;
-        let mut deliveries = 1;
-        let mut repeated = true;
-        while deliveries < max_deliver {
-            deliveries += 1;
-            match attempt(&one) {
-                Err(m) => reason = m,
-                Ok(()) => {
-                    repeated = false;
-                    break;
-                }
-            }
-        }
-        if !repeated {
-            continue;
-        }
-        keep[row] = false;
-        poison.push(describe(batch, row, version, reason, deliveries));
-    }
-    if poison.is_empty() {
+    let suspects = medallion_stage::poison::isolate_sync(batch, max_deliver, attempt);
+    if suspects.is_empty() {
         return None;
     }
-    let rest = filter_record_batch(batch, &BooleanArray::from(keep)).ok()?;
+    let rest = medallion_stage::poison::without(batch, &suspects).ok()?;
+    let poison = suspects
+        .into_iter()
+        .map(|s| describe(batch, s.row, version, s.reason, s.deliveries))
+        .collect();
     Some(Isolated { poison, rest })
-}
-
-/// Appends to `out` each row of `batch[offset..offset+len]` that panics
-/// alone, with its panic message. A half that passes is not searched further.
-fn bisect(
-    batch: &RecordBatch,
-    offset: usize,
-    len: usize,
-    attempt: &mut impl FnMut(&RecordBatch) -> Result<(), String>,
-    out: &mut Vec<(usize, String)>,
-) {
-    if len == 0 {
-        return;
-    }
-    let result = attempt(&batch.slice(offset, len));
-    match result {
-        Ok(()) => {}
-        Err(m) if len == 1 => out.push((offset, m)),
-        Err(_) => {
-            let half = len / 2;
-            bisect(batch, offset, half, attempt, out);
-            bisect(batch, offset + half, len - half, attempt, out);
-        }
-    }
 }
 
 fn describe(

@@ -209,7 +209,7 @@ pub(crate) async fn crash_check_if_died_before(
     // Per partition: replicas working on other partitions of the product
     // start elsewhere and must not look like a death here.
     let attempt = match attempts
-        .begin(&format!("transform.{product}#{partition}"), &start)
+        .begin(&format!("transform.{product}.{partition}"), &start)
         .await
     {
         Ok(n) => n,
