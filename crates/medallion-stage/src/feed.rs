@@ -92,6 +92,9 @@ pub struct Feeds {
     pending: FeedBatch,
     bytes: usize,
     deadline: Option<Instant>,
+    /// Messages pulled but dropped unacked (a lost lease, a drain cut
+    /// short): the next holder gets them again after the ack wait.
+    left: u64,
 }
 
 impl Feeds {
@@ -105,6 +108,7 @@ impl Feeds {
             pending: FeedBatch::default(),
             bytes: 0,
             deadline: None,
+            left: 0,
         }
     }
 
@@ -140,7 +144,14 @@ impl Feeds {
         if let Some(r) = self.running.remove(unit) {
             r.task.abort();
         }
+        let before = self.pending.messages.len();
         self.pending.messages.retain(|(u, _)| u != unit);
+        self.left += (before - self.pending.messages.len()) as u64;
+    }
+
+    /// How many pulled messages were dropped unacked so far.
+    pub fn left_unacked(&self) -> u64 {
+        self.left
     }
 
     /// The next micro-batch: waits for a first message (or an ended feed),
@@ -168,6 +179,7 @@ impl Feeds {
                 Some(Item::Message(u, m)) => {
                     // A message a killed feed sent before it was aborted.
                     if !self.running.contains_key(&u) {
+                        self.left += 1;
                         continue;
                     }
                     if self.deadline.is_none() {

@@ -256,6 +256,8 @@ pub async fn run<S: Stage>(stage: S, spec: StageSpec, deps: StageDeps) -> anyhow
     let mut tick = tokio::time::interval(r.reload_interval);
     loop {
         tokio::select! {
+            // A steady flow of events must not hold a shutdown back.
+            biased;
             _ = rt.shutdown.cancelled() => break,
             Some(change) = ownership.next_change() => r.on_change(change, &mut feeds, &ownership).await,
             _ = source.changed() => r.reload(&source, &ownership).await,
@@ -278,6 +280,7 @@ pub async fn run<S: Stage>(stage: S, spec: StageSpec, deps: StageDeps) -> anyhow
     }
     info!(stage = spec.name, "stopping: handing the units over");
     ownership.stop_acquiring();
+    let left_before = feeds.left_unacked();
     // Every unit's feed finishes its fetch; what it pulled is processed and
     // acked here, so the next holder has nothing waiting for redelivery.
     for u in r.active_units() {
@@ -308,6 +311,8 @@ pub async fn run<S: Stage>(stage: S, spec: StageSpec, deps: StageDeps) -> anyhow
     }
     ownership.shutdown().await;
     medallion_bus::flush_for_shutdown(&r.client, Duration::from_secs(5)).await;
+    // A drain cut short leaves events for the next holders to get again.
+    info!(stage = spec.name, left_unacked = feeds.left_unacked() - left_before, "stage stopped");
     Ok(())
 }
 
@@ -591,6 +596,7 @@ impl<S: Stage> Runner<S> {
                         .redeliveries
                         .with_label_values(&[&format!("{}-{u}", self.spec.durable_prefix)])
                         .inc();
+                    info!(unit = %u, stream_seq = info.stream_sequence, delivered = info.delivered, "event redelivered");
                 }
             }
             by_product

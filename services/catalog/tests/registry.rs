@@ -417,6 +417,7 @@ async fn registry_round_trip_compatibility_and_hot_reload() {
     let want: Vec<(String, String)> = [
         ("DELETE", "/v1/products/{domain}/{product}"),
         ("GET", "/v1/audit"),
+        ("GET", "/v1/pipeline"),
         ("GET", "/v1/products"),
         ("GET", "/v1/products/{domain}/{product}"),
         ("GET", "/v1/products/{domain}/{product}/lineage"),
