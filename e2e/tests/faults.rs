@@ -148,7 +148,12 @@ async fn kill_9_each_service_while_producers_resend_everything() {
         })
         .collect();
     let start = |i: usize| {
-        Service::start_named(names[i], &vars[i]["MEDALLION_REPLICA_ID"], &vars[i], logs.path())
+        Service::start_named(
+            names[i],
+            &vars[i]["MEDALLION_REPLICA_ID"],
+            &vars[i],
+            logs.path(),
+        )
     };
     let mut services: Vec<Service> = (0..names.len()).map(start).collect();
     let producer = produce(nats.url());

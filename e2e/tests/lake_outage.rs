@@ -223,7 +223,9 @@ async fn an_unwritable_lake_delays_but_loses_and_duplicates_nothing() {
     restore_dir(&gold_log, &away);
     let logs = services[2].logs();
     let retries = logs.matches("cannot open the product's tables").count()
-        + logs.matches("commit failed; retrying from the tables").count();
+        + logs
+            .matches("commit failed; retrying from the tables")
+            .count();
     println!("lake outage C (gold _delta_log): aggregate retried {retries} times");
     assert!(
         (1..=10).contains(&retries),

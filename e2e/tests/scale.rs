@@ -226,7 +226,11 @@ fn units_of(stage: usize) -> usize {
 
 /// Waits until every unit of `stage` is held by one of `live` and their loads
 /// differ by at most one; how long that took.
-async fn rebalanced(js: &async_nats::jetstream::Context, stage: usize, live: &[String]) -> Duration {
+async fn rebalanced(
+    js: &async_nats::jetstream::Context,
+    stage: usize,
+    live: &[String],
+) -> Duration {
     let t0 = Instant::now();
     loop {
         let h = holders(js, stage).await;
@@ -281,7 +285,12 @@ async fn three_replicas_per_stage_survive_ten_kills_and_every_layer_is_exact() {
     let js = async_nats::jetstream::new(client);
     for stage in 0..3 {
         let t = rebalanced(&js, stage, &r.live(stage)).await;
-        eprintln!("{}: {} units spread over 3 replicas in {:.1}s", STAGES[stage].0, units_of(stage), t.as_secs_f64());
+        eprintln!(
+            "{}: {} units spread over 3 replicas in {:.1}s",
+            STAGES[stage].0,
+            units_of(stage),
+            t.as_secs_f64()
+        );
     }
     let started = Instant::now();
     let producer = produce(nats.url(), 0..1);
@@ -311,7 +320,10 @@ async fn three_replicas_per_stage_survive_ten_kills_and_every_layer_is_exact() {
         r.start(stage);
         joins.push(rebalanced(&js, stage, &r.live(stage)).await);
     }
-    for (what, mut t) in [("failover after kill -9", failovers), ("join of a new replica", joins)] {
+    for (what, mut t) in [
+        ("failover after kill -9", failovers),
+        ("join of a new replica", joins),
+    ] {
         t.sort();
         eprintln!(
             "{what}: p50 {:.1}s, max {:.1}s over {} (lease TTL 3s)",
@@ -369,14 +381,21 @@ async fn three_replicas_per_stage_survive_ten_kills_and_every_layer_is_exact() {
         stopped.push(s);
         let s = stopped.last().unwrap();
         let stopped = t0.elapsed();
-        assert!(status.success(), "{id} did not stop cleanly: {status}\n{}", tail(&s.logs(), 40));
+        assert!(
+            status.success(),
+            "{id} did not stop cleanly: {status}\n{}",
+            tail(&s.logs(), 40)
+        );
         let still: Vec<String> = holders(&js, stage)
             .await
             .into_iter()
             .filter(|(_, r)| r == id)
             .map(|(u, _)| u)
             .collect();
-        assert!(still.is_empty(), "{id} stopped gracefully but still holds {still:?}");
+        assert!(
+            still.is_empty(),
+            "{id} stopped gracefully but still holds {still:?}"
+        );
         let moved = rebalanced(&js, stage, &r.live(stage)).await;
         eprintln!(
             "graceful stop of {id}: exited {:.1}s after SIGTERM, its units held by the others {:.1}s later",

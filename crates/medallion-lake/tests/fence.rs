@@ -38,9 +38,14 @@ async fn a_stale_writer_cannot_advance_a_cursor_another_writer_moved() {
         TableWriter::open_or_create(&lake, &t, first.schema(), "stage", &TableOptions::default())
             .await
             .unwrap();
-    old.commit(&[first], 1, WriteMode::Append, &[]).await.unwrap();
+    old.commit(&[first], 1, WriteMode::Append, &[])
+        .await
+        .unwrap();
     // The new holder opens the table and commits step 2 first.
-    let mut new = TableWriter::open(&lake, &t, "stage").await.unwrap().unwrap();
+    let mut new = TableWriter::open(&lake, &t, "stage")
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(
         new.commit(&[rows(&["b"])], 2, WriteMode::Append, &[])
             .await
@@ -59,12 +64,18 @@ async fn a_stale_writer_cannot_advance_a_cursor_another_writer_moved() {
         CommitOutcome::AlreadyCommitted(2)
     );
     // Another app id's cursor is not fenced by this one.
-    let mut other = TableWriter::open(&lake, &t, "other").await.unwrap().unwrap();
+    let mut other = TableWriter::open(&lake, &t, "other")
+        .await
+        .unwrap()
+        .unwrap();
     other
         .commit(&[rows(&["c"])], 1, WriteMode::Append, &[])
         .await
         .unwrap();
-    let table = TableWriter::open(&lake, &t, "reader").await.unwrap().unwrap();
+    let table = TableWriter::open(&lake, &t, "reader")
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(total(&read_all(&t, table.table()).await.unwrap()), 3);
 }
 
@@ -98,12 +109,21 @@ async fn an_emptied_table_takes_a_new_schema_with_its_first_rows() {
     );
     // Emptied (the first commit of a full refresh), the table takes it.
     w.commit(&[], 3, WriteMode::Overwrite, &[]).await.unwrap();
-    w.commit(&[retyped], 4, WriteMode::Append, &[]).await.unwrap();
-    let reopened = TableWriter::open(&lake, &t, "reader").await.unwrap().unwrap();
+    w.commit(&[retyped], 4, WriteMode::Append, &[])
+        .await
+        .unwrap();
+    let reopened = TableWriter::open(&lake, &t, "reader")
+        .await
+        .unwrap()
+        .unwrap();
     let after = read_all(&t, reopened.table()).await.unwrap();
     assert_eq!(total(&after), 1);
     assert_eq!(
-        after[0].schema().field_with_name("qty").unwrap().data_type(),
+        after[0]
+            .schema()
+            .field_with_name("qty")
+            .unwrap()
+            .data_type(),
         &DataType::Float64
     );
 }

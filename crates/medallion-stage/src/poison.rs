@@ -152,7 +152,10 @@ mod tests {
         let b = batch((0..100).collect());
         let s = isolate_sync(&b, 5, panics_on(&[3, 64, 99]));
         assert_eq!(s.iter().map(|s| s.row).collect::<Vec<_>>(), [3, 64, 99]);
-        assert!(s.iter().all(|s| s.deliveries == 5 && s.reason == format!("bad value {}", s.row)));
+        assert!(
+            s.iter()
+                .all(|s| s.deliveries == 5 && s.reason == format!("bad value {}", s.row))
+        );
         let rest = without(&b, &s).unwrap();
         assert_eq!(rest.num_rows(), 97);
     }
@@ -172,7 +175,11 @@ mod tests {
     fn a_panic_that_does_not_repeat_is_not_poison() {
         let mut seen = 0;
         let s = isolate_sync(&batch(vec![1, 2, 3]), 5, |b| {
-            let has = b.column(0).as_primitive::<Int64Type>().values().contains(&2);
+            let has = b
+                .column(0)
+                .as_primitive::<Int64Type>()
+                .values()
+                .contains(&2);
             if has {
                 seen += 1;
                 // Fails while bisecting, passes on the first retry.

@@ -312,7 +312,11 @@ pub async fn run<S: Stage>(stage: S, spec: StageSpec, deps: StageDeps) -> anyhow
     ownership.shutdown().await;
     medallion_bus::flush_for_shutdown(&r.client, Duration::from_secs(5)).await;
     // A drain cut short leaves events for the next holders to get again.
-    info!(stage = spec.name, left_unacked = feeds.left_unacked() - left_before, "stage stopped");
+    info!(
+        stage = spec.name,
+        left_unacked = feeds.left_unacked() - left_before,
+        "stage stopped"
+    );
     Ok(())
 }
 

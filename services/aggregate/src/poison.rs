@@ -83,11 +83,18 @@ pub async fn partials(
     let mut clean: Vec<RecordBatch> = Vec::new();
     for (bi, b) in rows.iter().enumerate() {
         let suspects = medallion_stage::poison::isolate(b, max_deliver, |slice| async move {
-            attempt(state, std::slice::from_ref(&slice)).await.map(|_| ())
+            attempt(state, std::slice::from_ref(&slice))
+                .await
+                .map(|_| ())
         })
         .await;
         for s in &suspects {
-            poison.push(describe(&b.slice(s.row, 1), versions[bi], s.reason.clone(), s.deliveries));
+            poison.push(describe(
+                &b.slice(s.row, 1),
+                versions[bi],
+                s.reason.clone(),
+                s.deliveries,
+            ));
         }
         clean.push(medallion_stage::poison::without(b, &suspects).map_err(|e| e.to_string())?);
     }
