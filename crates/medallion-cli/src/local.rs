@@ -86,7 +86,7 @@ impl Platform {
             .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
         // Declare the streams before anyone publishes (the services do it too).
         let client = async_nats::connect(nats_url).await?;
-        medallion_bus::ensure_streams(&jetstream::new(client), &ingest.streams).await?;
+        medallion_bus::ensure_streams(&jetstream::new(client), &ingest.stage.streams).await?;
         // The catalog first: it registers the products folder that transform
         // and aggregate watch.
         let rt = Runtime::new("medallion-catalog");

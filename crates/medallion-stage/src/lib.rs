@@ -8,6 +8,7 @@
 //!   table itself, back-off, the timer — calling the stage for its own work.
 //! - [`chain`]: when a replica may commit versions other replicas also feed.
 //! - [`poison`]: finding the rows whose processing panics every time.
+//! - [`settings`]: the settings every stage reads and what it connects to at start.
 
 pub mod assign;
 pub mod chain;
@@ -15,7 +16,9 @@ pub mod feed;
 pub mod lease;
 pub mod poison;
 pub mod runner;
+pub mod settings;
 
 pub use chain::{Partitions, Run};
 pub use lease::{Change, Ownership, OwnershipHandle, OwnershipSettings};
 pub use runner::{Advance, Progress, Reply, Stage, StageDeps, StageSpec};
+pub use settings::{Connected, StageSettings};

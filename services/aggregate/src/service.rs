@@ -3,16 +3,13 @@
 
 use std::sync::Arc;
 
-use anyhow::Context as _;
 use async_nats::jetstream;
-use medallion_bus::ownership::Owners;
-use medallion_bus::registry::SpecSource;
 use medallion_bus::streams::SILVER_STREAM;
 use medallion_lake::Lake;
 use medallion_runtime::Runtime;
 use medallion_runtime::metrics::PipelineMetrics;
 use medallion_spec::{Contract, Layer};
-use medallion_stage::{Advance, Progress, Stage, StageDeps, StageSpec};
+use medallion_stage::{Advance, Progress, Stage, StageSpec};
 use tracing::{info, warn};
 
 use crate::merge::{commit, compute};
@@ -20,23 +17,14 @@ use crate::tables::{ProductTables, open_tables};
 use crate::{APP_ID, AggregateConfig};
 
 pub async fn run(config: AggregateConfig, rt: Runtime) -> anyhow::Result<()> {
-    let lake = config
-        .lake
-        .clone()
-        .context("MEDALLION_LAKE is not usable")?;
-    lake.check_writable().await?;
-    let (client, js) = medallion_bus::connect_and_declare(&config.nats, &config.streams)
-        .await
-        .context("connecting to NATS and declaring the streams")?;
-    let metrics = PipelineMetrics::register(&rt.registry)?;
-    let addr = rt.serve_http(config.addr, axum::Router::new()).await?;
-    let source = SpecSource::open(&config.specs, &js, &config.streams)
-        .await
-        .context("opening the product registry")?;
-    let owners = Owners::open(&js, &config.streams, config.ownership.ttl)
-        .await
-        .context("opening the owners bucket")?;
-    info!(%addr, lake = %lake.root(), specs = ?config.specs, replica = %config.ownership.replica, "aggregate started");
+    let c = config.stage.connect(&rt).await?;
+    let (lake, js, client, metrics) = (
+        c.lake.clone(),
+        c.js.clone(),
+        c.client.clone(),
+        c.metrics.clone(),
+    );
+    info!(addr = %c.addr, lake = %lake.root(), specs = ?config.stage.specs, replica = %config.stage.ownership.replica, "aggregate started");
     let stage = Aggregate {
         lake: lake.clone(),
         js: js.clone(),
@@ -52,19 +40,7 @@ pub async fn run(config: AggregateConfig, rt: Runtime) -> anyhow::Result<()> {
             upstream_stream: SILVER_STREAM,
             upstream_layer: Layer::Silver,
         },
-        StageDeps {
-            lake,
-            js,
-            client,
-            source,
-            owners,
-            ownership: config.ownership.clone(),
-            batch: config.batch,
-            ack_wait: config.ack_wait,
-            reload_interval: config.reload_interval,
-            rt,
-            metrics,
-        },
+        c.into_deps(&config.stage, rt),
     )
     .await
 }

@@ -7,11 +7,10 @@ use std::time::Duration;
 use anyhow::Context as _;
 use async_nats::jetstream;
 use futures::StreamExt;
-use medallion_bus::ownership::{Owners, UnitId};
+use medallion_bus::ownership::UnitId;
 use medallion_bus::registry::{SpecSource, sync_specs};
 use medallion_bus::streams::{INGEST_STREAM, INGEST_SUBJECTS};
 use medallion_runtime::Runtime;
-use medallion_runtime::metrics::PipelineMetrics;
 use medallion_spec::parse_ingest_slot;
 use medallion_spec::products::Products;
 use medallion_stage::{Change, Ownership};
@@ -23,24 +22,11 @@ use crate::unit::{DLQ_UNIT, Shared, dead_letter_worker, unit_worker};
 use crate::{APP_ID, IngestConfig};
 
 pub async fn run(config: IngestConfig, rt: Runtime) -> anyhow::Result<()> {
-    let lake = config
-        .lake
-        .clone()
-        .context("MEDALLION_LAKE is not usable")?;
-    lake.check_writable().await?;
-    let (client, js) = medallion_bus::connect_and_declare(&config.nats, &config.streams)
-        .await
-        .context("connecting to NATS and declaring the streams")?;
-    let metrics = PipelineMetrics::register(&rt.registry)?;
-    let addr = rt.serve_http(config.addr, axum::Router::new()).await?;
-    let source = SpecSource::open(&config.specs, &js, &config.streams)
-        .await
-        .context("opening the product registry")?;
-    let owners = Owners::open(&js, &config.streams, config.ownership.ttl)
-        .await
-        .context("opening the owners bucket")?;
-    let mut ownership = Ownership::start(owners, "ingest", &config.ownership, &rt.registry)?;
-    info!(%addr, lake = %lake.root(), nats = %config.nats.url, replica = %config.ownership.replica, "ingest started");
+    let c = config.stage.connect(&rt).await?;
+    let (lake, js, client, metrics, source) = (c.lake, c.js, c.client, c.metrics, c.source);
+    let mut ownership =
+        Ownership::start(c.owners, "ingest", &config.stage.ownership, &rt.registry)?;
+    info!(addr = %c.addr, lake = %lake.root(), nats = %config.stage.nats.url, replica = %config.stage.ownership.replica, "ingest started");
 
     let stream = medallion_bus::streams::open_stream(&js, INGEST_STREAM)
         .await
@@ -57,7 +43,7 @@ pub async fn run(config: IngestConfig, rt: Runtime) -> anyhow::Result<()> {
         app_id: format!("{APP_ID}:{INGEST_STREAM}:{created}"),
         metrics,
         rt: rt.clone(),
-        batch: config.batch,
+        batch: config.stage.batch,
         ownership: ownership.handle(),
         partition_counts: Default::default(),
     });
@@ -70,7 +56,7 @@ pub async fn run(config: IngestConfig, rt: Runtime) -> anyhow::Result<()> {
     };
     stage.reload(&source, &ownership).await;
     rt.health.set_started();
-    let mut tick = tokio::time::interval(config.reload_interval);
+    let mut tick = tokio::time::interval(config.stage.reload_interval);
     loop {
         tokio::select! {
             _ = rt.shutdown.cancelled() => break,

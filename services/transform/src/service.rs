@@ -3,10 +3,7 @@
 
 use std::sync::Arc;
 
-use anyhow::Context as _;
 use async_nats::jetstream;
-use medallion_bus::ownership::Owners;
-use medallion_bus::registry::SpecSource;
 use medallion_bus::streams::BRONZE_STREAM;
 use medallion_bus::{Commit, Operation, publish_commit};
 use medallion_lake::{Lake, WriteMode};
@@ -14,7 +11,7 @@ use medallion_runtime::Runtime;
 use medallion_runtime::metrics::PipelineMetrics;
 use medallion_spec::products::ProductId;
 use medallion_spec::{Contract, Layer, PiiMode};
-use medallion_stage::{Advance, Progress, Reply, Stage, StageDeps, StageSpec};
+use medallion_stage::{Advance, Progress, Reply, Stage, StageSpec};
 use tracing::{Instrument, error, info, info_span, warn};
 
 use crate::commit::commit;
@@ -23,24 +20,15 @@ use crate::step::{crash_check_if_died_before, step};
 use crate::{APP_ID, REPLAY_SUBJECT, TransformConfig};
 
 pub async fn run(config: TransformConfig, rt: Runtime) -> anyhow::Result<()> {
-    let lake = config
-        .lake
-        .clone()
-        .context("MEDALLION_LAKE is not usable")?;
-    lake.check_writable().await?;
-    let (client, js) = medallion_bus::connect_and_declare(&config.nats, &config.streams)
-        .await
-        .context("connecting to NATS and declaring the streams")?;
-    let metrics = PipelineMetrics::register(&rt.registry)?;
-    let addr = rt.serve_http(config.addr, axum::Router::new()).await?;
-    let source = SpecSource::open(&config.specs, &js, &config.streams)
-        .await
-        .context("opening the product registry")?;
-    let owners = Owners::open(&js, &config.streams, config.ownership.ttl)
-        .await
-        .context("opening the owners bucket")?;
-    info!(%addr, lake = %lake.root(), specs = ?config.specs, replica = %config.ownership.replica, "transform started");
-    let attempts = match medallion_bus::attempts::Attempts::open(&js, &config.streams).await {
+    let c = config.stage.connect(&rt).await?;
+    let (lake, js, client, metrics) = (
+        c.lake.clone(),
+        c.js.clone(),
+        c.client.clone(),
+        c.metrics.clone(),
+    );
+    info!(addr = %c.addr, lake = %lake.root(), specs = ?config.stage.specs, replica = %config.stage.ownership.replica, "transform started");
+    let attempts = match medallion_bus::attempts::Attempts::open(&js, &config.stage.streams).await {
         Ok(a) => Some(a),
         Err(e) => {
             warn!(error = %e, "attempts ledger unavailable: a record that kills the process will be retried without a crash check");
@@ -58,7 +46,7 @@ pub async fn run(config: TransformConfig, rt: Runtime) -> anyhow::Result<()> {
         metrics: metrics.clone(),
         health: rt.health.clone(),
         pii_key: config.pii_key.clone(),
-        max_rows: config.batch.messages,
+        max_rows: config.stage.batch.messages,
         max_deliver: config.max_deliver,
         attempts,
         crash_exe,
@@ -71,19 +59,7 @@ pub async fn run(config: TransformConfig, rt: Runtime) -> anyhow::Result<()> {
             upstream_stream: BRONZE_STREAM,
             upstream_layer: Layer::Bronze,
         },
-        StageDeps {
-            lake,
-            js,
-            client,
-            source,
-            owners,
-            ownership: config.ownership.clone(),
-            batch: config.batch,
-            ack_wait: config.ack_wait,
-            reload_interval: config.reload_interval,
-            rt,
-            metrics,
-        },
+        c.into_deps(&config.stage, rt),
     )
     .await
 }
