@@ -38,7 +38,10 @@ fn product(p: usize) -> String {
 }
 
 fn spec(p: usize) -> String {
-    let partitions = if p == HOT { HOT_PARTITIONS } else { 1 };
+    spec_with(p, if p == HOT { HOT_PARTITIONS } else { 1 })
+}
+
+fn spec_with(p: usize, partitions: u32) -> String {
     format!(
         r#"apiVersion: medallion.dev/v1alpha1
 kind: DataProduct
@@ -431,6 +434,98 @@ async fn three_replicas_per_stage_survive_ten_kills_and_every_layer_is_exact() {
         );
     }
 
+    let mut all: Vec<Service> = r.running.drain(..).map(|(_, _, s)| s).collect();
+    stop_all(&mut all);
+}
+
+/// `spec.partitions` changed twice while producers publish (1 → 4 → 2),
+/// with two replicas per stage: keyed slots move between partitions with
+/// messages waiting, upstream versions are dealt by the new count, and every
+/// layer stays exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partitions_change_under_load_and_every_layer_stays_exact() {
+    let nats = NatsServer::start();
+    let lake = tempfile::tempdir().unwrap();
+    let logs = tempfile::tempdir().unwrap();
+    let specs = tempfile::tempdir().unwrap();
+    let write = |partitions: u32| {
+        for p in 0..PRODUCTS {
+            let n = if p == HOT { partitions } else { 1 };
+            // Written aside and renamed: the services never read half a file.
+            let tmp = specs.path().join(format!(".{}.yaml.tmp", product(p)));
+            std::fs::write(&tmp, spec_with(p, n)).unwrap();
+            std::fs::rename(&tmp, specs.path().join(format!("{}.yaml", product(p)))).unwrap();
+        }
+    };
+    write(1);
+    let mut r = Replicas {
+        nats: nats.url(),
+        lake: lake.path().to_path_buf(),
+        specs: specs.path().to_path_buf(),
+        logs: logs.path().to_path_buf(),
+        running: Vec::new(),
+        addrs: HashMap::new(),
+        started: 0,
+    };
+    for stage in 0..3 {
+        for _ in 0..2 {
+            r.start(stage);
+        }
+    }
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let started = Instant::now();
+    // Three waves, so both changes land while producers publish.
+    let producer = produce(nats.url(), 0..3);
+    for (partitions, after) in [(4u32, 3), (2, 1)] {
+        tokio::time::sleep(Duration::from_secs(after)).await;
+        assert!(
+            !producer.is_finished(),
+            "the producer ended before the change to {partitions} partitions"
+        );
+        write(partitions);
+        // Every stage's units follow the new count.
+        let t0 = Instant::now();
+        for stage in 0..3 {
+            loop {
+                let hot: BTreeSet<String> = holders(&js, stage)
+                    .await
+                    .into_keys()
+                    .filter(|u| u.starts_with(&format!("scale.{}#", product(HOT))))
+                    .collect();
+                let want: BTreeSet<String> = (0..partitions)
+                    .map(|k| format!("scale.{}#{k}", product(HOT)))
+                    .collect();
+                if hot == want {
+                    break;
+                }
+                assert!(
+                    t0.elapsed() < Duration::from_secs(30),
+                    "{}: {} units {hot:?}, want {want:?}",
+                    STAGES[stage].0,
+                    product(HOT)
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        eprintln!(
+            "{} partitions: {partitions} at {:.1}s, held by every stage {:.1}s later",
+            product(HOT),
+            started.elapsed().as_secs_f64(),
+            t0.elapsed().as_secs_f64()
+        );
+    }
+    let published = producer.await.unwrap();
+    eprintln!(
+        "{published} messages published in {:.1}s",
+        started.elapsed().as_secs_f64()
+    );
+    let settled = wait_settled(lake.path(), published, &r.services()).await;
+    eprintln!(
+        "every layer settled {:.1}s after the last publish",
+        settled.as_secs_f64()
+    );
+    check(lake.path(), published).await;
     let mut all: Vec<Service> = r.running.drain(..).map(|(_, _, s)| s).collect();
     stop_all(&mut all);
 }

@@ -254,10 +254,11 @@ pub async fn run<S: Stage>(stage: S, spec: StageSpec, deps: StageDeps) -> anyhow
         "stage started"
     );
     let mut tick = tokio::time::interval(r.reload_interval);
-    loop {
+    // Not `biased`: chain wake-ups and ticks would starve the feeds. A
+    // steady flow of events must not hold a shutdown back either, hence
+    // the check before each turn.
+    while !rt.shutdown.is_cancelled() {
         tokio::select! {
-            // A steady flow of events must not hold a shutdown back.
-            biased;
             _ = rt.shutdown.cancelled() => break,
             Some(change) = ownership.next_change() => r.on_change(change, &mut feeds, &ownership).await,
             _ = source.changed() => r.reload(&source, &ownership).await,
