@@ -171,6 +171,9 @@ state = "{self.state}/state"
 [plugins."io.containerd.grpc.v1.cri"]
   sandbox_image = "{PAUSE}"
   enable_selinux = false
+  # Our processes may not lower their OOM score here (runc's "failed to
+  # update /proc/self/oom_score_adj: Permission denied"): keep containerd's.
+  restrict_oom_score_adj = true
   [plugins."io.containerd.grpc.v1.cri".containerd]
     snapshotter = "overlayfs"
     default_runtime_name = "runc"
