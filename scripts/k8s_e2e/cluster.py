@@ -112,7 +112,7 @@ class ControlPlane:
             "--authorization-mode=AlwaysAllow", "--service-account-issuer=https://kubernetes.default.svc",
             f"--service-account-key-file={d}/sa.pub", f"--service-account-signing-key-file={d}/sa.key",
             "--service-cluster-ip-range=10.0.0.0/24", "--allow-privileged=true",
-            "--enable-priority-and-fairness=false", "--profiling=false", "--logtostderr=true", "--v=1"])
+            "--enable-priority-and-fairness=false", "--kubelet-preferred-address-types=InternalIP", "--profiling=false", "--logtostderr=true", "--v=1"])
 
         def ready():
             check(apiserver.poll() is None, "kube-apiserver exited:\n" + self.procs.tail(apiserver))

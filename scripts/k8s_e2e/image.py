@@ -113,7 +113,9 @@ def build(docker: Docker, label: str) -> None:
     ensure_base(docker)
     ctx = prebuilt_context()
     with timed(f"image build ({label})"):
-        docker.cli(["build", "-f", os.path.join(ROOT, "docker/Dockerfile"),
+        # --network none: the base has curl and CA certificates, so the
+        # build needs no network (and this dockerd has no bridge anyway).
+        docker.cli(["build", "--network", "none", "-f", os.path.join(ROOT, "docker/Dockerfile"),
                     "--build-arg", "BINARIES=prebuilt", "--build-arg", f"RUNTIME_IMAGE={BASE_TAG}",
                     "--build-arg", f"VERSION={app_version()}", "-t", image_ref(), ctx], timeout=900)
 
@@ -176,7 +178,8 @@ def ingest_lands_bronze(docker: Docker, procs: Procs, run_dir: str) -> None:
             if not os.path.isdir(os.path.join(path, "_delta_log")):
                 return 0
             return DeltaTable(path).to_pyarrow_table().num_rows
-        rows = wait_until("Bronze rows from the container", lambda: bronze_rows() >= 10, 60)
+        wait_until("Bronze rows from the container", lambda: bronze_rows() >= 10, 60)
+        rows = bronze_rows()
         log(f"medallion-ingest in the container landed Bronze ({rows} messages)")
     finally:
         docker.cli(["stop", "-t", "10", name], check_rc=False, timeout=30)

@@ -11,7 +11,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import TIMINGS, Failed, Procs, log, main_guard, timed, unmount_under  # noqa: E402
+from common import TIMINGS, Procs, log, main_guard, timed, unmount_under  # noqa: E402
 
 
 def main() -> None:
@@ -57,7 +57,7 @@ def main() -> None:
         else:
             log("pods skipped (K8S_E2E_PODS=0)")
         ok = True
-    except Failed:
+    except Exception:
         for p in procs.procs:
             if p.poll() is not None or p.name.startswith("kube"):
                 log(f"--- {p.name} (exit {p.poll()}), last lines:\n{procs.tail(p, 25)}")

@@ -15,6 +15,7 @@ import contextlib
 import ipaddress
 import json
 import os
+import shlex
 import shutil
 import socket
 import struct
@@ -63,8 +64,8 @@ def build_side_images(docker) -> list:
             f.write(f"FROM {image.BASE_TAG} AS nats\nCOPY nats-server /usr/local/bin/nats-server\n"
                     'ENTRYPOINT ["/usr/local/bin/nats-server"]\n'
                     "FROM scratch AS pause\nCOPY pause /pause\nENTRYPOINT [\"/pause\"]\n")
-        docker.cli(["build", "--target", "nats", "-t", NATS_IMAGE, ctx], timeout=300)
-        docker.cli(["build", "--target", "pause", "-t", PAUSE, ctx], timeout=300)
+        docker.cli(["build", "--network", "none", "--target", "nats", "-t", NATS_IMAGE, ctx], timeout=300)
+        docker.cli(["build", "--network", "none", "--target", "pause", "-t", PAUSE, ctx], timeout=300)
     finally:
         shutil.rmtree(ctx, ignore_errors=True)
     _ = kube_build
@@ -141,6 +142,7 @@ class PodEnv:
         self.netns_before = set(os.listdir("/var/run/netns")) if os.path.isdir("/var/run/netns") else set()
         self.dns = None
         self.lake = os.path.join(self.dir, "lake")
+        self.iptables_before = iptables_rules()
 
     def ctr(self, args, timeout=600):
         return run(["ctr", "-a", self.sock, "-n", "k8s.io", *args], timeout=timeout, capture=True)
@@ -197,14 +199,16 @@ state = "{self.state}/state"
             "--container-runtime=remote", f"--container-runtime-endpoint=unix://{self.sock}",
             f"--root-dir={kubelet_dir}", f"--cert-dir={kubelet_dir}/pki", "--hostname-override=e2e-node",
             f"--node-ip={self.gw}", "--cgroup-driver=cgroupfs", "--cgroups-per-qos=false",
-            "--enforce-node-allocatable=", "--fail-swap-on=false", "--address=127.0.0.1",
+            "--enforce-node-allocatable=", "--fail-swap-on=false", f"--address={self.gw}",
             f"--port={free_port()}", "--read-only-port=0", "--healthz-port=0",
             f"--cluster-dns={self.gw}", "--cluster-domain=cluster.local", f"--resolv-conf={resolv}",
             f"--pod-infra-container-image={PAUSE}", "--runtime-request-timeout=5m",
             "--eviction-hard=memory.available<100Mi,nodefs.available<1%,imagefs.available<1%",
             "--image-gc-high-threshold=100", "--image-gc-low-threshold=99",
             f"--volume-plugin-dir={kubelet_dir}/volume-plugins", "--serialize-image-pulls=false",
-            "--logtostderr=true", "--v=1"])
+            # No KUBE-* iptables chains: nothing here needs them (no kube-proxy,
+            # no masquerade), and the machine's firewall stays as it was.
+            "--make-iptables-util-chains=false", "--logtostderr=true", "--v=1"])
 
         def node_ready():
             n = self.cp.api.get("/api/v1/nodes/e2e-node")
@@ -237,6 +241,34 @@ state = "{self.state}/state"
                     subprocess.run(["ip", "netns", "delete", ns], stderr=subprocess.DEVNULL)
         subprocess.run(["ip", "link", "delete", self.bridge], stderr=subprocess.DEVNULL)
         shutil.rmtree(self.state, ignore_errors=True)
+        iptables_restore(self.iptables_before)
+
+
+def iptables_rules() -> dict:
+    out = {}
+    for table in ("filter", "nat", "mangle"):
+        r = subprocess.run(["iptables", "-t", table, "-S"], capture_output=True, text=True)
+        out[table] = r.stdout.splitlines() if r.returncode == 0 else []
+    return out
+
+
+def iptables_restore(before: dict) -> None:
+    """Removes any rule and chain that appeared during the run (kubelet is
+    told not to make any; this is the safety net)."""
+    after = iptables_rules()
+    for table, rules in after.items():
+        added = [r for r in rules if r not in before.get(table, [])]
+        for r in added:
+            if r.startswith("-A "):
+                subprocess.run(["iptables", "-t", table, "-D", *shlex.split(r)[1:]], stderr=subprocess.DEVNULL)
+        for r in added:
+            if r.startswith("-N "):
+                subprocess.run(["iptables", "-t", table, "-F", r.split()[1]], stderr=subprocess.DEVNULL)
+        for r in added:
+            if r.startswith("-N "):
+                subprocess.run(["iptables", "-t", table, "-X", r.split()[1]], stderr=subprocess.DEVNULL)
+    if iptables_rules() != before:
+        log("warning: iptables differ from before the run")
 
 
 def nats_objects(api) -> None:
