@@ -51,6 +51,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_tcp(port: int, what: str, timeout: float = 30) -> None:
+    def accepts():
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
+    wait_until(what, accepts, timeout, 0.1)
+
+
 def wait_until(what: str, fn, timeout: float, interval: float = 0.5):
     """Polls `fn` until it returns something truthy; fails after `timeout` s."""
     deadline = time.monotonic() + timeout

@@ -15,7 +15,7 @@ import time
 import urllib.error
 import urllib.request
 
-from common import TARGET, Procs, check, free_port, log, wait_until
+from common import TARGET, Procs, check, free_port, log, wait_tcp, wait_until
 from cluster import ControlPlane
 
 NS = "e2e-controller"
@@ -59,6 +59,7 @@ def step(cp: ControlPlane, procs: Procs, run_dir: str) -> None:
     nats_port, http_port = free_port(), free_port()
     procs.start("nats-controller", ["nats-server", "-js", "-a", "127.0.0.1", "-p", str(nats_port),
                                     "-sd", os.path.join(d, "nats")])
+    wait_tcp(nats_port, "nats-server")
     secret = os.urandom(24).hex()
     env = {
         "PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/root"), "KUBECONFIG": kubeconfig,

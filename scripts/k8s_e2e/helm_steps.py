@@ -64,11 +64,14 @@ def ensure_namespace(api: Api, ns: str) -> None:
     check(status in (201, 409), f"namespace {ns}: {status}")
 
 
-def secrets(api: Api, ns: str) -> None:
+def secrets(api: Api, ns: str) -> str:
+    """The chart's secret; returns the JWT secret (to mint admin tokens)."""
+    jwt = os.urandom(24).hex()
     status, body = api.call("POST", f"/api/v1/namespaces/{ns}/secrets", {
         "apiVersion": "v1", "kind": "Secret", "metadata": {"name": "medallion-secrets"},
-        "stringData": {"MEDALLION_PII_KEY": os.urandom(16).hex(), "MEDALLION_JWT_SECRET": os.urandom(24).hex()}})
+        "stringData": {"MEDALLION_PII_KEY": os.urandom(16).hex(), "MEDALLION_JWT_SECRET": jwt}})
     check(status in (201, 409), f"secret: {status} {body}")
+    return jwt
 
 
 def fullname(release: str) -> str:

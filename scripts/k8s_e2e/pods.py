@@ -323,13 +323,41 @@ def describe(api) -> str:
     return "\n".join(out)
 
 
+def replicas_share_units(api, jwt: str) -> None:
+    """The catalog's GET /v1/pipeline (from a catalog pod): each stage has
+    its 2 replicas, named by their pods (MEDALLION_REPLICA_ID from the
+    downward API), and every unit has an owner."""
+    import urllib.request
+    from controller import hs256
+    pods = {p["metadata"]["name"]: p for p in pods_ready(api)}
+    catalog_ip = next(p["status"]["podIP"] for p in pods.values()
+                      if p["metadata"]["labels"].get("app.kubernetes.io/component") == "catalog")
+    token = hs256(jwt, {"sub": "e2e", "exp": int(time.time()) + 600, "roles": ["admin"]})
+
+    def view():
+        req = urllib.request.Request(f"http://{catalog_ip}:8080/v1/pipeline",
+                                     headers={"Authorization": f"Bearer {token}"})
+        with urllib.request.urlopen(req, timeout=5) as r:
+            body = json.loads(r.read())
+        for stage in ("ingest", "transform", "aggregate"):
+            st = body["stages"][stage]
+            names = sorted(r["replica"] for r in st["replicas"])
+            if len(names) != 2 or not all(n in pods for n in names) or st["unowned"] or not st["units"]:
+                return None
+        return body
+    body = wait_until("2 replicas per stage (pod names) owning every unit in /v1/pipeline", view, 60)
+    log("GET /v1/pipeline: " + "; ".join(
+        f"{s}: " + ", ".join(f"{r['replica']}={len(r['units'])} unit(s)" for r in body["stages"][s]["replicas"])
+        for s in ("ingest", "transform", "aggregate")))
+
+
 def step(env: PodEnv, image_tar: str) -> None:
     import helm_steps
     import image
     api = env.cp.api
     env.start_node(image_tar)
     helm_steps.ensure_namespace(api, NS)
-    helm_steps.secrets(api, NS)
+    jwt = helm_steps.secrets(api, NS)
     lake_volume(api, env.lake)
     nats_objects(api)
     wait_until("NATS in a pod Ready", lambda: all_ready(pods_ready(api, "app%3Dnats")), 120)
@@ -392,6 +420,7 @@ def step(env: PodEnv, image_tar: str) -> None:
     rows = wait_until("Gold of the published events", gold_done, 180, 0.25)
     TIMINGS["publish -> Gold (s)"] = round(time.monotonic() - t0, 1)
     log(f"publish -> Gold in {TIMINGS['publish -> Gold (s)']} s: {sorted((r['country'], r['payments']) for r in rows)}")
+    replicas_share_units(api, jwt)
     helm_steps.uninstall(env.cp, NS, RELEASE)
     wait_until("the platform's pods gone", lambda: not [
         p for p in pods_ready(api) if p["metadata"]["labels"].get("app.kubernetes.io/instance") == RELEASE], 120)
