@@ -46,7 +46,7 @@ def ensure() -> str:
     env = dict(os.environ, GOPATH=gopath, GOPROXY="off", CGO_ENABLED="0", KUBE_GIT_VERSION=f"v{KUBE_VERSION}",
                GOCACHE=os.path.join(CACHE, "gocache"), GOFLAGS="")
     missing = [t for t in TARGETS if not os.path.exists(os.path.join(tree, "_output", "bin", t))]
-    log(f"building {', '.join(missing)} {KUBE_VERSION} from Debian's source package (cold: ~15 min on 2 cores)")
+    log(f"building {', '.join(missing)} {KUBE_VERSION} from Debian's source package (cold: ~7 min on 2 cores)")
     with timed("kubernetes build"):
         # GOPATH mode through make: a plain `go build -mod=vendor` fails with
         # "updates to go.mod needed". Niced: it shares the machine.

@@ -3,6 +3,7 @@ Kubernetes API server, the DataProduct controller against it, and (unless
 K8S_E2E_PODS=0) the platform running in pods. Everything it starts is
 stopped, and everything it creates on the machine removed, when it ends."""
 
+import contextlib
 import os
 import shutil
 import sys
@@ -69,6 +70,9 @@ def main() -> None:
         if pod_env is not None:
             pod_env.teardown_network()
         unmount_under(run_dir)
+        # The exported images (~400 MB) are no use for a post-mortem.
+        with contextlib.suppress(OSError):
+            os.remove(os.path.join(run_dir, "image.tar"))
         if ok and not keep:
             shutil.rmtree(run_dir, ignore_errors=True)
         else:
