@@ -2,7 +2,8 @@
 # End-to-end on a throwaway kind cluster: build the image, install NATS and
 # the chart with the DataProduct controller on, apply the example resource,
 # wait until it is Ready, run `helm test`. Needs docker, kind, kubectl, helm.
-# (Our CI machine has no Docker engine, so this runs on a developer machine.)
+# (CI runs scripts/k8s-e2e instead: the same checks without kind, on a
+# Kubernetes built from Debian's sources; this one is for a developer machine.)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -27,7 +28,7 @@ cleanup() {
 trap cleanup EXIT
 
 echo "--- image"
-docker build -f docker/Dockerfile -t "$image" .
+DOCKER_BUILDKIT=1 docker build -f docker/Dockerfile -t "$image" .
 
 echo "--- cluster"
 kind get clusters | grep -qx "$cluster" || kind create cluster --name "$cluster" --wait 120s

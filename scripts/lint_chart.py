@@ -27,6 +27,21 @@ def dashboard_metrics_exist(chart: str) -> list:
     return missing
 
 
+def env_names_registered(chart: str) -> list:
+    """Every MEDALLION_* variable the templates set is one the services know
+    (they refuse unknown MEDALLION_* settings at start)."""
+    import glob
+    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+    registry = set(re.findall(r'"(MEDALLION_[A-Z0-9_]+)"', open(os.path.join(root, "crates/medallion-runtime/src/env.rs")).read()))
+    unknown = []
+    for path in glob.glob(os.path.join(chart, "templates", "**", "*.yaml"), recursive=True) + \
+            glob.glob(os.path.join(chart, "ci", "*.yaml")):
+        for name in re.findall(r"\b(MEDALLION_[A-Z0-9_]+)\b", open(path).read()):
+            if name not in registry:
+                unknown.append(f"{os.path.relpath(path, chart)}: {name}")
+    return unknown
+
+
 def lint(chart: str) -> dict:
     return asyncio.run(helm_sdkpy.Lint(helm_sdkpy.Configuration()).run(chart))
 
@@ -44,8 +59,13 @@ def wrong_values_fail(chart: str) -> list:
                         (("batch", "wait"), "soon"),
                         (("typo_at_top_level",), True),
                         (("kubeController", "enabled"), "yes"),
-                        # Pipeline stages are one writer per table: the chart refuses to autoscale them.
-                        (("services", "transform", "autoscaling"), {"enabled": True})):
+                        (("services", "ingest", "replicas"), 0),
+                        (("leases", "ttl"), "6 seconds"),
+                        # KEDA needs a Prometheus to ask.
+                        (("services", "aggregate", "keda"), {"enabled": True}),
+                        # An HPA and a ScaledObject would fight over one Deployment.
+                        (("services", "transform"), {"autoscaling": {"enabled": True},
+                                                     "keda": {"enabled": True, "prometheusAddress": "http://p:9090"}})):
         values = json.loads(json.dumps(base))
         node = values
         for key in path[:-1]:
@@ -105,6 +125,10 @@ def main(chart: str) -> int:
     slipped = wrong_values_fail(chart)
     if slipped:
         print("values.schema.json accepted wrong values:\n  " + "\n  ".join(slipped), file=sys.stderr)
+        return 1
+    unknown = env_names_registered(chart)
+    if unknown:
+        print("the chart sets settings the services do not know:\n  " + "\n  ".join(unknown), file=sys.stderr)
         return 1
     missing = dashboard_metrics_exist(chart)
     if missing:
