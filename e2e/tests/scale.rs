@@ -261,8 +261,13 @@ async fn rebalanced(
     }
 }
 
+/// The tests of this file run one at a time: each runs up to nine replicas
+/// on a two-core machine, and both time their rebalances.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_replicas_per_stage_survive_ten_kills_and_every_layer_is_exact() {
+    let _serial = ONE_AT_A_TIME.lock().await;
     let nats = NatsServer::start();
     let lake = tempfile::tempdir().unwrap();
     let logs = tempfile::tempdir().unwrap();
@@ -444,6 +449,7 @@ async fn three_replicas_per_stage_survive_ten_kills_and_every_layer_is_exact() {
 /// layer stays exact.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn partitions_change_under_load_and_every_layer_stays_exact() {
+    let _serial = ONE_AT_A_TIME.lock().await;
     let nats = NatsServer::start();
     let lake = tempfile::tempdir().unwrap();
     let logs = tempfile::tempdir().unwrap();
@@ -500,7 +506,7 @@ async fn partitions_change_under_load_and_every_layer_stays_exact() {
                     break;
                 }
                 assert!(
-                    t0.elapsed() < Duration::from_secs(30),
+                    t0.elapsed() < Duration::from_secs(60),
                     "{}: {} units {hot:?}, want {want:?}",
                     STAGES[stage].0,
                     product(HOT)

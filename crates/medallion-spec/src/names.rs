@@ -167,11 +167,20 @@ pub fn ingest_slot_subject(domain: &str, product: &str, slot: IngestSlot) -> Str
     }
 }
 
+/// Upstream versions are dealt to partitions in blocks of this many, so a
+/// replica's run of versions — one commit — spans a block: a product split
+/// over replicas changes hands in the commit chain once per block instead
+/// of once per version.
+pub const VERSION_BLOCK: i64 = 4;
+
 /// The partition whose consumers receive the event of upstream version
-/// `version`: versions are dealt round-robin, so every partition of a
-/// stage gets an even share whatever the producers do.
+/// `version`: blocks of [`VERSION_BLOCK`] versions are dealt round-robin,
+/// so every partition of a stage gets an even share whatever the producers
+/// do.
 pub fn version_partition(version: i64, partitions: u32) -> u32 {
-    (version.rem_euclid(i64::from(partitions.max(1)))) as u32
+    (version
+        .div_euclid(VERSION_BLOCK)
+        .rem_euclid(i64::from(partitions.max(1)))) as u32
 }
 
 pub fn ingest_subject(domain: &str, product: &str) -> String {
@@ -224,7 +233,10 @@ mod tests {
         ] {
             assert_eq!(t.subject_partition(bad), None, "{bad}");
         }
-        assert_eq!(version_partition(7, 4), 3);
+        assert_eq!(version_partition(3, 4), 0);
+        assert_eq!(version_partition(7, 4), 1);
+        assert_eq!(version_partition(15, 4), 3);
+        assert_eq!(version_partition(16, 4), 0);
         assert_eq!(version_partition(7, 1), 0);
         assert_eq!(version_partition(7, 0), 0);
     }

@@ -1,7 +1,7 @@
 //! The chain: a downstream table takes its upstream's versions in order,
 //! whichever replica processes them.
 //!
-//! Upstream versions are dealt round-robin to a product's partitions
+//! Upstream versions are dealt to a product's partitions in blocks, round-robin
 //! ([`medallion_spec::version_partition`]). A replica computes the versions
 //! of the partitions it holds as soon as they are there — the costly part
 //! runs on every replica at once — but commits them only when every earlier
@@ -125,31 +125,34 @@ mod tests {
 
     #[test]
     fn a_run_waits_for_earlier_data_of_other_replicas() {
-        // Two partitions, we hold 1: versions 1, 3, 5 are ours.
+        // Two partitions in blocks of four, we hold 1: versions 4–7 and
+        // 12–15 are ours.
         let p = parts(2, &[1]);
         assert!(!p.all_held());
-        let r = plan(0, 5, &p, |_| Some(true)).unwrap();
-        assert_eq!(r.versions, vec![1]);
-        assert!(r.ready, "version 0 is committed");
-        let r = plan(1, 5, &p, |_| Some(true)).unwrap();
-        assert_eq!(r.versions, vec![3]);
-        assert!(!r.ready, "version 2 holds data of the other replica");
-        // Version 2 has no data (a compaction): 3 is ready, and 4 too lets
-        // the run go on to 5.
-        let r = plan(1, 5, &p, |v| Some(v != 2 && v != 4)).unwrap();
-        assert_eq!(r.versions, vec![3, 4, 5]);
+        let r = plan(3, 9, &p, |_| Some(true)).unwrap();
+        assert_eq!(r.versions, vec![4, 5, 6, 7]);
+        assert!(r.ready, "versions up to 3 are committed");
+        let r = plan(7, 13, &p, |_| Some(true)).unwrap();
+        assert_eq!(r.versions, vec![12, 13]);
+        assert!(!r.ready, "versions 8-11 hold data of the other replica");
+        // Versions 8–11 without data (a compaction): 12 is ready, and the
+        // run from 4 goes on through them.
+        let r = plan(7, 13, &p, |v| Some(!(8..=11).contains(&v))).unwrap();
+        assert_eq!((r.versions, r.ready), (vec![12, 13], true));
+        let r = plan(3, 13, &p, |v| Some(!(8..=11).contains(&v))).unwrap();
+        assert_eq!(r.versions, (4..=13).collect::<Vec<_>>());
         assert!(r.ready);
         // Unknown counts as data.
-        let r = plan(1, 5, &p, |_| None).unwrap();
-        assert_eq!((r.versions, r.ready), (vec![3], false));
+        let r = plan(7, 13, &p, |_| None).unwrap();
+        assert_eq!((r.versions, r.ready), (vec![12, 13], false));
     }
 
     #[test]
     fn trailing_versions_without_data_are_left_to_the_next_run() {
         let p = parts(2, &[0]);
-        let r = plan(-1, 3, &p, |_| Some(false)).unwrap();
-        assert_eq!(r.versions, vec![0, 1, 2]);
+        let r = plan(-1, 6, &p, |_| Some(false)).unwrap();
+        assert_eq!(r.versions, vec![0, 1, 2, 3]);
         assert!(r.ready);
-        assert!(plan(2, 3, &p, |_| Some(false)).is_none());
+        assert!(plan(3, 6, &p, |_| Some(false)).is_none());
     }
 }
