@@ -182,6 +182,25 @@ struct Replicas {
 }
 
 impl Replicas {
+    /// `per_stage` replicas of each stage, started.
+    fn new(nats: String, lake: &Path, specs: &Path, logs: &Path, per_stage: usize) -> Self {
+        let mut r = Replicas {
+            nats,
+            lake: lake.to_path_buf(),
+            specs: specs.to_path_buf(),
+            logs: logs.to_path_buf(),
+            running: Vec::new(),
+            addrs: HashMap::new(),
+            started: 0,
+        };
+        for stage in 0..3 {
+            for _ in 0..per_stage {
+                r.start(stage);
+            }
+        }
+        r
+    }
+
     fn start(&mut self, stage: usize) {
         self.started += 1;
         let vars = replica_vars(&self.nats, &self.lake, &self.specs, stage, self.started);
@@ -275,20 +294,7 @@ async fn three_replicas_per_stage_survive_ten_kills_and_every_layer_is_exact() {
     for p in 0..PRODUCTS {
         std::fs::write(specs.path().join(format!("{}.yaml", product(p))), spec(p)).unwrap();
     }
-    let mut r = Replicas {
-        nats: nats.url(),
-        lake: lake.path().to_path_buf(),
-        specs: specs.path().to_path_buf(),
-        logs: logs.path().to_path_buf(),
-        running: Vec::new(),
-        addrs: HashMap::new(),
-        started: 0,
-    };
-    for stage in 0..3 {
-        for _ in 0..3 {
-            r.start(stage);
-        }
-    }
+    let mut r = Replicas::new(nats.url(), lake.path(), specs.path(), logs.path(), 3);
     let client = async_nats::connect(nats.url()).await.unwrap();
     let js = async_nats::jetstream::new(client);
     for stage in 0..3 {
@@ -464,20 +470,7 @@ async fn partitions_change_under_load_and_every_layer_stays_exact() {
         }
     };
     write(1);
-    let mut r = Replicas {
-        nats: nats.url(),
-        lake: lake.path().to_path_buf(),
-        specs: specs.path().to_path_buf(),
-        logs: logs.path().to_path_buf(),
-        running: Vec::new(),
-        addrs: HashMap::new(),
-        started: 0,
-    };
-    for stage in 0..3 {
-        for _ in 0..2 {
-            r.start(stage);
-        }
-    }
+    let mut r = Replicas::new(nats.url(), lake.path(), specs.path(), logs.path(), 2);
     let client = async_nats::connect(nats.url()).await.unwrap();
     let js = async_nats::jetstream::new(client);
     let started = Instant::now();

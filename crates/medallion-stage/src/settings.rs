@@ -57,7 +57,7 @@ impl StageSettings {
     /// Checks the lake is writable, connects to NATS and declares the
     /// streams, serves health and metrics, opens the specs and the owners
     /// bucket — each failure named for the operator.
-    pub async fn connect(&self, rt: &Runtime) -> anyhow::Result<Connected> {
+    pub async fn connect(&self, stage: &'static str, rt: &Runtime) -> anyhow::Result<Connected> {
         let lake = self.lake.clone().context("MEDALLION_LAKE is not usable")?;
         lake.check_writable().await?;
         let (client, js) = medallion_bus::connect_and_declare(&self.nats, &self.streams)
@@ -71,6 +71,7 @@ impl StageSettings {
         let owners = Owners::open(&js, &self.streams, self.ownership.ttl)
             .await
             .context("opening the owners bucket")?;
+        tracing::info!(stage, %addr, lake = %lake.root(), nats = %self.nats.url, specs = ?self.specs, replica = %self.ownership.replica, "stage connected");
         Ok(Connected {
             lake,
             client,

@@ -10,21 +10,20 @@ use medallion_runtime::Runtime;
 use medallion_runtime::metrics::PipelineMetrics;
 use medallion_spec::{Contract, Layer};
 use medallion_stage::{Advance, Progress, Stage, StageSpec};
-use tracing::{info, warn};
+use tracing::warn;
 
 use crate::merge::{commit, compute};
 use crate::tables::{ProductTables, open_tables};
 use crate::{APP_ID, AggregateConfig};
 
 pub async fn run(config: AggregateConfig, rt: Runtime) -> anyhow::Result<()> {
-    let c = config.stage.connect(&rt).await?;
+    let c = config.stage.connect("aggregate", &rt).await?;
     let (lake, js, client, metrics) = (
         c.lake.clone(),
         c.js.clone(),
         c.client.clone(),
         c.metrics.clone(),
     );
-    info!(addr = %c.addr, lake = %lake.root(), specs = ?config.stage.specs, replica = %config.stage.ownership.replica, "aggregate started");
     let stage = Aggregate {
         lake: lake.clone(),
         js: js.clone(),

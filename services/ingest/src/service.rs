@@ -22,11 +22,10 @@ use crate::unit::{DLQ_UNIT, Shared, dead_letter_worker, unit_worker};
 use crate::{APP_ID, IngestConfig};
 
 pub async fn run(config: IngestConfig, rt: Runtime) -> anyhow::Result<()> {
-    let c = config.stage.connect(&rt).await?;
+    let c = config.stage.connect("ingest", &rt).await?;
     let (lake, js, client, metrics, source) = (c.lake, c.js, c.client, c.metrics, c.source);
     let mut ownership =
         Ownership::start(c.owners, "ingest", &config.stage.ownership, &rt.registry)?;
-    info!(addr = %c.addr, lake = %lake.root(), nats = %config.stage.nats.url, replica = %config.stage.ownership.replica, "ingest started");
 
     let stream = medallion_bus::streams::open_stream(&js, INGEST_STREAM)
         .await

@@ -20,14 +20,13 @@ use crate::step::{crash_check_if_died_before, step};
 use crate::{APP_ID, REPLAY_SUBJECT, TransformConfig};
 
 pub async fn run(config: TransformConfig, rt: Runtime) -> anyhow::Result<()> {
-    let c = config.stage.connect(&rt).await?;
+    let c = config.stage.connect("transform", &rt).await?;
     let (lake, js, client, metrics) = (
         c.lake.clone(),
         c.js.clone(),
         c.client.clone(),
         c.metrics.clone(),
     );
-    info!(addr = %c.addr, lake = %lake.root(), specs = ?config.stage.specs, replica = %config.stage.ownership.replica, "transform started");
     let attempts = match medallion_bus::attempts::Attempts::open(&js, &config.stage.streams).await {
         Ok(a) => Some(a),
         Err(e) => {
