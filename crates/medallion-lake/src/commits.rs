@@ -49,6 +49,7 @@ pub async fn read_commit(
         txns: Vec::new(),
         timestamp: None,
     };
+    let mut expiry = false;
     for action in actions {
         match action {
             Action::Add(add) if add.data_change => {
@@ -58,10 +59,15 @@ pub async fn read_commit(
             }
             Action::Remove(r) if r.data_change => rows.removed_data = true,
             Action::Txn(t) => rows.txns.push((t.app_id, t.version)),
-            Action::CommitInfo(ci) => rows.timestamp = ci.timestamp,
+            Action::CommitInfo(ci) => {
+                rows.timestamp = ci.timestamp;
+                expiry |= is_expiry(&ci.info);
+            }
             _ => {}
         }
     }
+    // Expired Bronze rows leave the table, not the layers built from it.
+    rows.removed_data &= !expiry;
     Ok(Some(rows))
 }
 
@@ -94,15 +100,27 @@ pub async fn commit_summary(
         return Ok(None);
     };
     let mut out = CommitSummary::default();
+    let mut expiry = false;
     for action in actions {
         match action {
             Action::Add(a) if a.data_change => out.added.push(a.path),
             Action::Remove(r) if r.data_change => out.removed.push(r.path),
             Action::Txn(t) => out.txns.push((t.app_id, t.version)),
+            Action::CommitInfo(ci) => expiry |= is_expiry(&ci.info),
             _ => {}
         }
     }
+    if expiry {
+        out.removed.clear();
+    }
     Ok(Some(out))
+}
+
+/// A retention expiry made by table maintenance (see [`crate::maintenance`]).
+fn is_expiry(info: &std::collections::HashMap<String, serde_json::Value>) -> bool {
+    info.get(crate::maintenance::MAINTENANCE_KEY)
+        .and_then(|v| v.as_str())
+        == Some("expire")
 }
 
 /// Reads only `columns` of one data file (the key columns of a commit, say).

@@ -35,6 +35,14 @@ pub enum LakeError {
 }
 
 impl LakeError {
+    /// A file the log names is gone (vacuumed after a compaction, say).
+    pub fn is_not_found(&self) -> bool {
+        matches!(
+            self,
+            LakeError::ObjectStore(object_store::Error::NotFound { .. })
+        )
+    }
+
     pub fn delta(table: impl ToString, source: deltalake::DeltaTableError) -> Self {
         LakeError::Delta {
             table: table.to_string(),

@@ -4,6 +4,7 @@ pub mod commits;
 pub mod dictionary;
 mod error;
 mod location;
+pub mod maintenance;
 mod object_stores;
 pub mod query;
 pub mod writer;

@@ -42,6 +42,14 @@ vars! {
     "MEDALLION_DEDUPE_WINDOW", Some("2m"), "ingest", "How long JetStream remembers a Nats-Msg-Id";
     "MEDALLION_EVENT_MAX_AGE", Some("24h"), "ingest", "Retention of stage events (consumers fall back to tables)";
     "MEDALLION_INGEST_MAX_BYTES", Some("-1"), "ingest", "Ingest stream size limit; publishers are refused when full (-1: none)";
+    "MEDALLION_MAINTENANCE_INTERVAL", Some("1m"), "ingest,transform,aggregate", "How often a stage looks after the tables it writes (compaction, checkpoints, Bronze expiry); 0s turns table maintenance off";
+    "MEDALLION_VACUUM_INTERVAL", Some("1h"), "ingest,transform,aggregate", "How often files outside the time-travel retention are deleted";
+    "MEDALLION_COMPACT_TARGET_BYTES", Some("134217728"), "ingest,transform,aggregate", "Compaction merges small files up to this size; files of half of it or more are left alone";
+    "MEDALLION_COMPACT_FANOUT", Some("8"), "ingest,transform,aggregate", "Files of one size class merged at once, and how many wait before a merge (each row is rewritten about log_fanout(target / commit size) times)";
+    "MEDALLION_CHECKPOINT_INTERVAL", Some("100"), "ingest,transform,aggregate", "A Delta checkpoint every this many commits (opening a table reads the checkpoint and fewer log entries than this)";
+    "MEDALLION_TIME_TRAVEL", Some("7d"), "ingest,transform,aggregate", "Old versions stay readable at least this long (a product's spec.retention.time_travel overrides it); must exceed how far a stage may fall behind";
+    "MEDALLION_LOG_RETENTION", Some("30d"), "ingest,transform,aggregate", "Delta log entries older than this are removed at checkpoints (never less than the time-travel retention)";
+    "MEDALLION_ORPHAN_AGE", Some("1h"), "ingest,transform,aggregate", "Files no version references (a crash between writing and committing) are deleted once this old";
     "MEDALLION_REPLICA_ID", None, "ingest,transform,aggregate", "This replica's name among the stage's replicas (unique per process; the chart uses the pod name). Default: <hostname>-<pid>";
     "MEDALLION_LEASE_TTL", Some("6s"), "ingest,transform,aggregate", "How long a replica's leases on its units outlive its last renewal (renewed every third of it); the same on every replica";
     "MEDALLION_STREAM_REPLICAS", Some("1"), "ingest,transform,aggregate,catalog", "Replicas of every stream and of the registry (3 on a cluster)";

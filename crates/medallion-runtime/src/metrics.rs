@@ -231,3 +231,103 @@ impl PipelineMetrics {
             .set(now);
     }
 }
+
+/// What table maintenance keeps up to date, per table (`layer.domain.table`).
+#[derive(Clone)]
+pub struct MaintenanceMetrics {
+    pub files: IntGaugeVec,
+    pub bytes: IntGaugeVec,
+    pub small_files: IntGaugeVec,
+    pub log_since_checkpoint: IntGaugeVec,
+    pub unreferenced_bytes: IntGaugeVec,
+    pub last_compaction: IntGaugeVec,
+    pub last_vacuum: IntGaugeVec,
+    /// Files merged away by compaction.
+    pub compacted_files: IntCounterVec,
+    pub vacuumed_files: IntCounterVec,
+    /// Bronze files removed by retention.
+    pub expired_files: IntCounterVec,
+    /// Maintenance jobs that failed (retried next cycle), per job.
+    pub errors: IntCounterVec,
+    pub seconds: HistogramVec,
+}
+
+impl MaintenanceMetrics {
+    pub fn register(r: &Registry) -> prometheus::Result<Self> {
+        let t = &["table"];
+        Ok(MaintenanceMetrics {
+            files: gauge(
+                r,
+                "medallion_table_files",
+                "Data files of the table's current version",
+                t,
+            )?,
+            bytes: gauge(
+                r,
+                "medallion_table_bytes",
+                "Bytes of the table's current data files",
+                t,
+            )?,
+            small_files: gauge(
+                r,
+                "medallion_table_small_files",
+                "Data files below half the compaction target",
+                t,
+            )?,
+            log_since_checkpoint: gauge(
+                r,
+                "medallion_table_log_since_checkpoint",
+                "Log entries a reader replays after the last checkpoint",
+                t,
+            )?,
+            unreferenced_bytes: gauge(
+                r,
+                "medallion_table_unreferenced_bytes",
+                "Bytes on storage the current version does not reference (time travel, or reclaimable)",
+                t,
+            )?,
+            last_compaction: gauge(
+                r,
+                "medallion_table_last_compaction_timestamp_seconds",
+                "When this replica last compacted the table",
+                t,
+            )?,
+            last_vacuum: gauge(
+                r,
+                "medallion_table_last_vacuum_timestamp_seconds",
+                "When this replica last vacuumed the table",
+                t,
+            )?,
+            compacted_files: counter(
+                r,
+                "medallion_compacted_files_total",
+                "Small files merged away by compaction",
+                t,
+            )?,
+            vacuumed_files: counter(
+                r,
+                "medallion_vacuumed_files_total",
+                "Files deleted by vacuum",
+                t,
+            )?,
+            expired_files: counter(
+                r,
+                "medallion_expired_files_total",
+                "Bronze files removed by retention",
+                t,
+            )?,
+            errors: counter(
+                r,
+                "medallion_maintenance_errors_total",
+                "Maintenance jobs that failed (tried again next cycle)",
+                &["table", "job"],
+            )?,
+            seconds: histogram(
+                r,
+                "medallion_maintenance_seconds",
+                "Time one maintenance job took",
+                &["job"],
+            )?,
+        })
+    }
+}

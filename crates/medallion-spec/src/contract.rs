@@ -69,6 +69,10 @@ pub struct Contract {
     pub expectations: Vec<CompiledExpectation>,
     pub gold: Vec<GoldPlan>,
     pub freshness: Option<std::time::Duration>,
+    /// `spec.retention.time_travel`, if set.
+    pub time_travel: Option<std::time::Duration>,
+    /// `spec.retention.bronze`, if set.
+    pub bronze_retention: Option<std::time::Duration>,
 }
 
 impl std::fmt::Debug for Contract {
@@ -187,6 +191,10 @@ impl Contract {
             .as_ref()
             .and_then(|s| parse_duration(&s.freshness));
 
+        let retention = product.spec.retention.clone().unwrap_or_default();
+        let time_travel = retention.time_travel.as_deref().and_then(parse_duration);
+        let bronze_retention = retention.bronze.as_deref().and_then(parse_duration);
+
         if !errors.is_empty() {
             return Err(SpecErrors(errors));
         }
@@ -199,6 +207,8 @@ impl Contract {
             expectations,
             gold,
             freshness,
+            time_travel,
+            bronze_retention,
         })
     }
 }
@@ -422,6 +432,9 @@ fn check_structure(p: &DataProduct, errors: &mut Vec<SpecError>) {
             ),
         );
     }
+    if let Some(r) = &s.retention {
+        check_retention(r, &mut err);
+    }
     if let Some(sla) = &s.sla
         && parse_duration(&sla.freshness).is_none()
     {
@@ -432,6 +445,21 @@ fn check_structure(p: &DataProduct, errors: &mut Vec<SpecError>) {
                 sla.freshness
             ),
         );
+    }
+}
+
+fn check_retention(r: &crate::model::Retention, err: &mut impl FnMut(String, String)) {
+    for (field, value) in [("time_travel", &r.time_travel), ("bronze", &r.bronze)] {
+        let Some(v) = value else { continue };
+        match parse_duration(v) {
+            Some(d) if d >= std::time::Duration::from_secs(1) => {}
+            _ => err(
+                format!("spec.retention.{field}"),
+                format!(
+                    "`{v}` is not a duration of at least a second; write e.g. `7d`, `90d` or `12h`"
+                ),
+            ),
+        }
     }
 }
 

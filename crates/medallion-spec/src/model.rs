@@ -61,6 +61,9 @@ pub struct ProductSpec {
     pub access: Vec<Access>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sla: Option<Sla>,
+    /// How long old versions and raw data are kept (platform defaults when unset).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retention: Option<Retention>,
     /// Units of work the product is spread over in every stage, 1 to 32
     /// (default 1); may change at any time.
     #[serde(default = "one", skip_serializing_if = "is_one")]
@@ -253,6 +256,22 @@ impl fmt::Display for Layer {
 pub struct Sla {
     /// How old the newest Silver commit may be before the product is stale, e.g. `60s`, `5m`, `1h`.
     pub freshness: String,
+}
+
+/// How long a product's history is kept.
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Retention {
+    /// Old versions of every layer stay readable (time travel) at least this
+    /// long, e.g. `7d`; files no version within it needs are then deleted.
+    /// Default: the platform's `MEDALLION_TIME_TRAVEL` (7d).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time_travel: Option<String>,
+    /// Bronze rows older than this (by `received_at`) are deleted, e.g.
+    /// `90d`. Default: raw data is kept for ever.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bronze: Option<String>,
 }
 
 impl DataProduct {

@@ -77,6 +77,10 @@ async fn every_problem_is_reported_with_its_field() {
         p.spec.gold[0].sql =
             "SELECT country, median(amount) AS m FROM silver GROUP BY country".into();
         p.spec.sla.as_mut().unwrap().freshness = "soon".into();
+        p.spec.retention = Some(crate::model::Retention {
+            time_travel: Some("a week".into()),
+            bronze: Some("0s".into()),
+        });
     });
     let errs = errors_of(p).await;
     let fields: Vec<_> = errs.fields().collect();
@@ -87,6 +91,8 @@ async fn every_problem_is_reported_with_its_field() {
         "spec.derive[0].expr",
         "spec.gold[0].sql",
         "spec.sla.freshness",
+        "spec.retention.time_travel",
+        "spec.retention.bronze",
     ] {
         assert!(fields.contains(&f), "missing {f} in {errs}");
     }
@@ -307,4 +313,23 @@ async fn a_retyped_column_and_a_changed_gold_query_are_breaking() {
     .await;
     let all = breaking_changes(&old, &new).join("\n");
     assert!(all.contains("its SQL changes"), "{all}");
+}
+
+#[tokio::test]
+async fn retention_is_read_from_the_spec() {
+    let p = with_spec_edit(|p| {
+        p.spec.retention = Some(crate::model::Retention {
+            time_travel: Some("7d".into()),
+            bronze: Some("90d".into()),
+        });
+    });
+    let c = Contract::compile(p).await.expect("valid");
+    assert_eq!(
+        c.time_travel,
+        Some(std::time::Duration::from_secs(7 * 86400))
+    );
+    assert_eq!(
+        c.bronze_retention,
+        Some(std::time::Duration::from_secs(90 * 86400))
+    );
 }

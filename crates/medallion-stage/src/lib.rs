@@ -8,12 +8,15 @@
 //!   table itself, back-off, the timer — calling the stage for its own work.
 //! - [`chain`]: when a replica may commit versions other replicas also feed.
 //! - [`poison`]: finding the rows whose processing panics every time.
+//! - [`maintenance`]: compaction, checkpoints, vacuum and retention of the
+//!   tables a stage writes, on a thread of its own.
 //! - [`settings`]: the settings every stage reads and what it connects to at start.
 
 pub mod assign;
 pub mod chain;
 pub mod feed;
 pub mod lease;
+pub mod maintenance;
 pub mod poison;
 pub mod runner;
 pub mod settings;

@@ -25,7 +25,7 @@ use medallion_bus::{Announced, PartsInFlight};
 use medallion_lake::{Lake, TableCache};
 use medallion_runtime::Runtime;
 use medallion_runtime::backoff::Backoff;
-use medallion_runtime::metrics::PipelineMetrics;
+use medallion_runtime::metrics::{MaintenanceMetrics, PipelineMetrics};
 use medallion_spec::products::{ProductId, Products};
 use medallion_spec::{Contract, Layer, TableRef};
 use tracing::{debug, error, info, warn};
@@ -57,6 +57,7 @@ pub struct StageDeps {
     pub batch: BatchLimits,
     pub ack_wait: Duration,
     pub reload_interval: Duration,
+    pub maintenance: crate::maintenance::MaintenanceSettings,
     pub rt: Runtime,
     pub metrics: PipelineMetrics,
 }
@@ -181,6 +182,9 @@ pub trait Stage: Send {
         async {}
     }
 
+    /// The tables of a product this stage writes, for table maintenance.
+    fn maintained_tables(&self) -> crate::maintenance::TablesOf;
+
     /// The core NATS subject of the stage's requests (queue group per stage), if any.
     fn control_subject(&self) -> Option<&'static str> {
         None
@@ -222,6 +226,18 @@ pub async fn run<S: Stage>(stage: S, spec: StageSpec, deps: StageDeps) -> anyhow
         None => None,
     };
     retire_shared_consumer(&deps.js, spec).await;
+    let (contracts, watched) = tokio::sync::watch::channel(Default::default());
+    crate::maintenance::start(
+        spec.name,
+        deps.maintenance.clone(),
+        deps.lake.clone(),
+        ownership.handle(),
+        watched,
+        stage.maintained_tables(),
+        MaintenanceMetrics::register(&deps.rt.registry)
+            .context("registering the maintenance metrics")?,
+    )
+    .context("starting table maintenance")?;
     let mut r = Runner {
         stage,
         spec,
@@ -243,6 +259,7 @@ pub async fn run<S: Stage>(stage: S, spec: StageSpec, deps: StageDeps) -> anyhow
         reload_interval: deps.reload_interval,
         rt: deps.rt.clone(),
         metrics: deps.metrics,
+        contracts,
     };
     let source = deps.source;
     r.reload(&source, &ownership).await;
@@ -355,6 +372,8 @@ struct Runner<S: Stage> {
     js: jetstream::Context,
     client: async_nats::Client,
     products: Products,
+    /// What table maintenance sees of the specs.
+    contracts: tokio::sync::watch::Sender<crate::maintenance::Contracts>,
     states: HashMap<ProductId, S::Product>,
     /// Partitions this replica works on, per product (held and not handed over).
     active: BTreeMap<ProductId, BTreeSet<u32>>,
@@ -407,6 +426,9 @@ impl<S: Stage> Runner<S> {
             &self.rt.health,
         )
         .await;
+        if !(changes.updated.is_empty() && changes.removed.is_empty()) {
+            self.contracts.send_replace(self.products.contracts.clone());
+        }
         for id in changes.updated.iter().chain(changes.removed.iter()) {
             // A new spec version starts from the committed state (and clears a halt).
             if let Some(mut s) = self.states.remove(id) {

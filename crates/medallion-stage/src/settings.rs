@@ -16,6 +16,7 @@ use medallion_runtime::metrics::PipelineMetrics;
 use medallion_runtime::{EnvReader, Runtime};
 
 use crate::OwnershipSettings;
+use crate::maintenance::MaintenanceSettings;
 use crate::runner::StageDeps;
 
 #[derive(Debug, Clone)]
@@ -35,6 +36,8 @@ pub struct StageSettings {
     pub reload_interval: Duration,
     /// This replica's name and lease time-to-live.
     pub ownership: OwnershipSettings,
+    /// Compaction, checkpoints, vacuum and retention of the tables it writes.
+    pub maintenance: MaintenanceSettings,
 }
 
 impl StageSettings {
@@ -51,6 +54,7 @@ impl StageSettings {
             specs: SpecOrigin::from_env(env),
             reload_interval: env.duration("MEDALLION_RELOAD_INTERVAL"),
             ownership: OwnershipSettings::from_env(env),
+            maintenance: MaintenanceSettings::from_env(env),
         }
     }
 
@@ -109,6 +113,7 @@ impl Connected {
             batch: settings.batch,
             ack_wait: settings.ack_wait,
             reload_interval: settings.reload_interval,
+            maintenance: settings.maintenance.clone(),
             rt,
             metrics: self.metrics,
         }

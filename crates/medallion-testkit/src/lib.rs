@@ -181,23 +181,38 @@ where
 /// Rows of the Delta table at `path` as read by Python's `deltalake` (another
 /// Delta implementation than ours); panics with Python's error otherwise.
 pub fn rows_read_by_python_deltalake(path: &Path) -> usize {
+    rows_read_by_python_deltalake_at(path, None)
+        .unwrap_or_else(|e| panic!("python deltalake on {}: {e}", path.display()))
+}
+
+/// Rows of the table at `version` (the latest if `None`) as Python's
+/// `deltalake` reads them, or Python's error (a version whose files were
+/// vacuumed cannot be read).
+pub fn rows_read_by_python_deltalake_at(
+    path: &Path,
+    version: Option<i64>,
+) -> Result<usize, String> {
     let out = Command::new("python3")
         .arg("-c")
         // os._exit: deltalake 1.6 aborts in its runtime teardown at interpreter exit.
-        .arg("import os, sys, deltalake; print(deltalake.DeltaTable(sys.argv[1]).to_pyarrow_table().num_rows, flush=True); os._exit(0)")
+        .arg(
+            "import os, sys, deltalake\n\
+             v = None if sys.argv[2] == '' else int(sys.argv[2])\n\
+             try:\n    print(deltalake.DeltaTable(sys.argv[1], version=v).to_pyarrow_table().num_rows, flush=True)\n\
+             except Exception as e:\n    print(e, file=sys.stderr, flush=True); os._exit(1)\n\
+             os._exit(0)",
+        )
         .arg(path)
+        .arg(version.map(|v| v.to_string()).unwrap_or_default())
         .output()
         .expect("python3 with the deltalake package (see .ci/run)");
-    assert!(
-        out.status.success(),
-        "python deltalake on {}: {}",
-        path.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout)
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout)
         .trim()
         .parse()
-        .expect("a row count")
+        .expect("a row count"))
 }
 
 /// A child process killed (SIGKILL) and reaped when dropped, so a failing

@@ -8,7 +8,8 @@ use medallion_bus::streams::SILVER_STREAM;
 use medallion_lake::Lake;
 use medallion_runtime::Runtime;
 use medallion_runtime::metrics::PipelineMetrics;
-use medallion_spec::{Contract, Layer};
+use medallion_spec::{Contract, Layer, TableRef};
+use medallion_stage::maintenance::{MaintainedTable, TablesOf};
 use medallion_stage::{Advance, Progress, Stage, StageSpec};
 use tracing::warn;
 
@@ -62,6 +63,18 @@ impl Stage for Aggregate {
     /// Wanted unless every Gold table of the product has merged it.
     fn wants(&self, p: &ProductTables, version: i64) -> bool {
         p.tables.iter().any(|g| version > g.processed)
+    }
+
+    /// Gold keeps one file per bucket, rewritten as groups change: its file
+    /// count is bounded already, so it is vacuumed and checkpointed, never
+    /// compacted (a merge would undo the bucket layout).
+    fn maintained_tables(&self) -> TablesOf {
+        Box::new(|c| {
+            c.gold
+                .iter()
+                .map(|g| MaintainedTable::rewritten(TableRef::gold(c.domain(), &g.name)))
+                .collect()
+        })
     }
 
     async fn advance(&mut self, p: &mut ProductTables, mut pass: Advance<'_>) -> Progress {

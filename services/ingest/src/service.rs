@@ -11,8 +11,10 @@ use medallion_bus::ownership::UnitId;
 use medallion_bus::registry::{SpecSource, sync_specs};
 use medallion_bus::streams::{INGEST_STREAM, INGEST_SUBJECTS};
 use medallion_runtime::Runtime;
+use medallion_runtime::metrics::MaintenanceMetrics;
 use medallion_spec::parse_ingest_slot;
 use medallion_spec::products::Products;
+use medallion_stage::maintenance::MaintainedTable;
 use medallion_stage::{Change, Ownership};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
@@ -46,8 +48,21 @@ pub async fn run(config: IngestConfig, rt: Runtime) -> anyhow::Result<()> {
         ownership: ownership.handle(),
         partition_counts: Default::default(),
     });
+    let (contracts, watched) = watch::channel(Default::default());
+    medallion_stage::maintenance::start(
+        "ingest",
+        config.stage.maintenance.clone(),
+        shared.lake.clone(),
+        ownership.handle(),
+        watched,
+        Box::new(|c| vec![MaintainedTable::bronze(c)]),
+        MaintenanceMetrics::register(&rt.registry)
+            .context("registering the maintenance metrics")?,
+    )
+    .context("starting table maintenance")?;
     let mut stage = Ingest {
         shared,
+        contracts,
         products: Products::new(),
         workers: HashMap::new(),
         releasing: BTreeSet::new(),
@@ -92,6 +107,8 @@ struct Worker {
 
 struct Ingest {
     shared: Arc<Shared>,
+    /// What table maintenance sees of the specs.
+    contracts: watch::Sender<medallion_stage::maintenance::Contracts>,
     products: Products,
     workers: HashMap<UnitId, Worker>,
     /// Units asked to stop for a hand-over: released once their worker ends.
@@ -115,7 +132,7 @@ impl Ingest {
     /// with messages waiting (no spec is needed for Bronze), and the unit
     /// that dead-letters subjects naming no valid product.
     async fn reload(&mut self, source: &SpecSource, ownership: &Ownership) {
-        sync_specs(
+        let changes = sync_specs(
             source,
             &mut self.products,
             |_| Ok(()),
@@ -123,6 +140,9 @@ impl Ingest {
             &self.shared.rt.health,
         )
         .await;
+        if !(changes.updated.is_empty() && changes.removed.is_empty()) {
+            self.contracts.send_replace(self.products.contracts.clone());
+        }
         *self.shared.partition_counts.lock().expect("not poisoned") = self
             .products
             .contracts

@@ -10,7 +10,8 @@ use medallion_lake::{Lake, WriteMode};
 use medallion_runtime::Runtime;
 use medallion_runtime::metrics::PipelineMetrics;
 use medallion_spec::products::ProductId;
-use medallion_spec::{Contract, Layer, PiiMode};
+use medallion_spec::{Contract, Layer, PiiMode, TableRef};
+use medallion_stage::maintenance::{MaintainedTable, TablesOf};
 use medallion_stage::{Advance, Progress, Reply, Stage, StageSpec};
 use tracing::{Instrument, error, info, info_span, warn};
 
@@ -239,6 +240,16 @@ impl Stage for Transform {
 
     async fn close(&mut self, state: &mut ProductState) {
         state.snapshot().await;
+    }
+
+    /// Silver and its quarantine are appended: both are compacted.
+    fn maintained_tables(&self) -> TablesOf {
+        Box::new(|c| {
+            vec![
+                MaintainedTable::appended(TableRef::silver(c.domain(), c.name())),
+                MaintainedTable::appended(TableRef::quarantine(c.domain(), c.name())),
+            ]
+        })
     }
 
     fn control_subject(&self) -> Option<&'static str> {

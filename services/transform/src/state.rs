@@ -119,7 +119,13 @@ impl ProductState {
                 return Err(Stale::Reopen);
             }
             for f in &c.added {
-                for b in read_parquet_columns(&store, f, &key).await.map_err(read)? {
+                // Gone: compacted and vacuumed since; the keys are read
+                // from the current files when the state is opened again.
+                let batches = match read_parquet_columns(&store, f, &key).await {
+                    Err(e) if e.is_not_found() => return Err(Stale::Reopen),
+                    r => r.map_err(read)?,
+                };
+                for b in batches {
                     self.keys
                         .add_batch(&b, &key)
                         .map_err(|e| Stale::Read(e.to_string()))?;
@@ -202,22 +208,40 @@ pub(crate) async fn open_state(
     })
 }
 
-/// The key set as of Silver's current version: newest snapshot + later commits.
+/// The key set as of Silver's current version: newest snapshot + later
+/// commits; or, without a snapshot or when a later commit's files are gone
+/// (compacted, then vacuumed), the key columns of the current files.
 async fn load_keys(silver: &TableWriter, key: &[String]) -> Result<KeySet, String> {
     if key.is_empty() {
         return Ok(KeySet::default());
     }
     let current = silver.version();
     let store = silver.table().log_store().object_store(None);
-    let (from, mut keys) = match KeySet::load(store.as_ref(), current)
-        .await
-        .map_err(|e| e.to_string())?
-    {
-        Some((v, set)) => (v + 1, set),
-        None => (0, KeySet::default()),
-    };
     let started = Instant::now();
-    for v in from..=current {
+    let snapshot = KeySet::load(store.as_ref(), current)
+        .await
+        .map_err(|e| e.to_string())?;
+    let (keys, from) = match snapshot {
+        Some((v, set)) => match replay_keys(silver, key, set, v + 1).await {
+            Ok(keys) => (keys, v + 1),
+            Err(e) => {
+                warn!(table = %silver.table_ref(), error = %e, "dedupe snapshot cannot be brought up to date; reading the keys of the current files");
+                (scan_keys(silver, key).await?, -1)
+            }
+        },
+        None => (scan_keys(silver, key).await?, -1),
+    };
+    info!(table = %silver.table_ref(), keys = keys.len(), from_version = from, to_version = current, ms = started.elapsed().as_millis() as u64, "dedupe state loaded");
+    Ok(keys)
+}
+
+async fn replay_keys(
+    silver: &TableWriter,
+    key: &[String],
+    mut keys: KeySet,
+    from: i64,
+) -> Result<KeySet, String> {
+    for v in from..=silver.version() {
         if let Some(c) = read_commit(silver.table_ref(), silver.table(), v)
             .await
             .map_err(|e| e.to_string())?
@@ -230,6 +254,20 @@ async fn load_keys(silver: &TableWriter, key: &[String]) -> Result<KeySet, Strin
             }
         }
     }
-    info!(table = %silver.table_ref(), keys = keys.len(), from_version = from, to_version = current, ms = started.elapsed().as_millis() as u64, "dedupe state loaded");
+    Ok(keys)
+}
+
+/// Reads only the key columns of every current file.
+async fn scan_keys(silver: &TableWriter, key: &[String]) -> Result<KeySet, String> {
+    let store = silver.table().log_store().object_store(None);
+    let mut keys = KeySet::default();
+    for f in silver.files().await.map_err(|e| e.to_string())? {
+        for b in read_parquet_columns(&store, &f.path, key)
+            .await
+            .map_err(|e| e.to_string())?
+        {
+            keys.add_batch(&b, key).map_err(|e| e.to_string())?;
+        }
+    }
     Ok(keys)
 }

@@ -1,0 +1,538 @@
+//! Keeping a streaming table healthy for years: small files merged,
+//! checkpoints written and old log entries dropped (through table
+//! properties), files no version within the retention needs deleted, and
+//! Bronze rows older than the owner wants expired.
+//!
+//! Every commit made here carries `medallion.maintenance` in its commit info.
+//! A compaction's actions have `dataChange = false`, so consumers of the
+//! table's commits skip it like Delta readers do; an expiry removes data but
+//! is marked so consumers do not mistake it for a rewrite of the table
+//! ([`crate::CommitSummary`] leaves its removes out).
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use deltalake::kernel::transaction::{CommitBuilder, CommitProperties};
+use deltalake::kernel::{Action, Add};
+use deltalake::operations::vacuum::VacuumMode;
+use deltalake::protocol::DeltaOperation;
+use deltalake::writer::{DeltaWriter, RecordBatchWriter};
+use deltalake::{DeltaTable, Path};
+use futures::{StreamExt, TryStreamExt};
+use medallion_spec::TableRef;
+use object_store::ObjectStoreExt;
+use parquet::schema::types::ColumnPath;
+use tracing::debug;
+
+use crate::LakeError;
+use crate::writer::{table_schema, writer_properties};
+
+/// Commit-info key marking a commit made by table maintenance; its value
+/// names the job (`compact`, `expire`, `properties`, `vacuum`).
+pub const MAINTENANCE_KEY: &str = "medallion.maintenance";
+
+/// How small files are merged.
+///
+/// Size-tiered: files are grouped by size class (a factor of `fanout` apart)
+/// and merged only with files of their class once `fanout` of them wait, so
+/// each row is rewritten about log_fanout(target / commit size) times in its
+/// life rather than once per maintenance cycle, and the number of files below
+/// the target stays under `fanout` per class.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Compaction {
+    /// Files at or above half of this are left alone; merges stop at it.
+    pub target_file_size: u64,
+    /// Files of one size class merged at once (and the trigger: this many waiting).
+    pub fanout: usize,
+}
+
+/// The table properties maintenance keeps in place.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Properties {
+    /// A checkpoint every this many commits.
+    pub checkpoint_interval: u64,
+    /// Log entries older than this are removed (at checkpoints).
+    pub log_retention: Duration,
+    /// Removed files stay readable for time travel this long.
+    pub deleted_file_retention: Duration,
+    /// `delta.appendOnly` (Bronze, unless its rows expire).
+    pub append_only: Option<bool>,
+}
+
+/// Table properties as Delta spells them.
+impl Properties {
+    fn wanted(&self) -> Vec<(String, String)> {
+        let mut out = vec![
+            (
+                "delta.checkpointInterval".to_string(),
+                self.checkpoint_interval.max(1).to_string(),
+            ),
+            (
+                "delta.logRetentionDuration".to_string(),
+                interval(self.log_retention),
+            ),
+            (
+                "delta.deletedFileRetentionDuration".to_string(),
+                interval(self.deleted_file_retention),
+            ),
+        ];
+        if let Some(a) = self.append_only {
+            out.push(("delta.appendOnly".to_string(), a.to_string()));
+        }
+        out
+    }
+}
+
+fn interval(d: Duration) -> String {
+    format!("interval {} seconds", d.as_secs().max(1))
+}
+
+/// What a compaction did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Compacted {
+    pub version: Option<i64>,
+    pub files_removed: usize,
+    pub files_added: usize,
+    pub bytes_rewritten: i64,
+}
+
+/// What a vacuum did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Vacuumed {
+    pub files_deleted: usize,
+}
+
+/// A table's shape, for operators.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct TableHealth {
+    pub version: i64,
+    /// Data files of the current version.
+    pub files: usize,
+    pub bytes: i64,
+    pub average_file_bytes: i64,
+    /// Data files below half the compaction target.
+    pub small_files: usize,
+    /// Version of the last checkpoint, if any.
+    pub checkpoint_version: Option<i64>,
+    /// Log entries a reader replays on top of the last checkpoint.
+    pub log_since_checkpoint: i64,
+    /// Files on storage the current version does not reference (kept for
+    /// time travel until the retention passes, or orphans of a crash).
+    pub unreferenced_files: usize,
+    pub unreferenced_bytes: i64,
+}
+
+/// One active data file as the planner sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileStat {
+    pub path: String,
+    pub size: u64,
+    pub modified: i64,
+}
+
+/// Groups of files to merge, each group becoming one file.
+pub fn plan(files: &[FileStat], c: &Compaction) -> Vec<Vec<FileStat>> {
+    let fanout = c.fanout.max(2);
+    let small = c.target_file_size / 2;
+    let mut classes: HashMap<u32, Vec<&FileStat>> = HashMap::new();
+    for f in files.iter().filter(|f| f.size < small) {
+        classes
+            .entry(size_class(f.size, fanout as u64))
+            .or_default()
+            .push(f);
+    }
+    let mut keys: Vec<u32> = classes.keys().copied().collect();
+    keys.sort_unstable();
+    let mut out = Vec::new();
+    for k in keys {
+        let mut class = classes.remove(&k).unwrap_or_default();
+        if class.len() < fanout {
+            continue;
+        }
+        // Oldest first: rows stay roughly in commit order within a file.
+        class.sort_by(|a, b| (a.modified, &a.path).cmp(&(b.modified, &b.path)));
+        for chunk in class.chunks(fanout) {
+            if chunk.len() < fanout {
+                break;
+            }
+            // A chunk is at most `fanout` files of one class: below the
+            // target unless the class touches it, then split by size.
+            let mut bin: Vec<FileStat> = Vec::new();
+            let mut bytes = 0;
+            for f in chunk {
+                if !bin.is_empty() && bytes + f.size > c.target_file_size {
+                    if bin.len() > 1 {
+                        out.push(std::mem::take(&mut bin));
+                    }
+                    bin.clear();
+                    bytes = 0;
+                }
+                bytes += f.size;
+                bin.push((*f).clone());
+            }
+            if bin.len() > 1 {
+                out.push(bin);
+            }
+        }
+    }
+    out
+}
+
+/// Size class: files within a factor `fanout` of each other share one.
+fn size_class(size: u64, fanout: u64) -> u32 {
+    let mut class = 0;
+    let mut bound = 64 * 1024;
+    while size >= bound && class < 32 {
+        bound = bound.saturating_mul(fanout);
+        class += 1;
+    }
+    class
+}
+
+fn maintenance_properties(job: &str) -> CommitProperties {
+    CommitProperties::default().with_metadata([(MAINTENANCE_KEY.to_string(), job.into())])
+}
+
+async fn active(tref: &TableRef, table: &DeltaTable) -> Result<Vec<FileStat>, LakeError> {
+    let snapshot = table.snapshot().map_err(|e| LakeError::delta(tref, e))?;
+    snapshot
+        .snapshot()
+        .file_views(table.log_store().as_ref(), None)
+        .map_ok(|f| FileStat {
+            path: f.path().to_string(),
+            size: f.size().max(0) as u64,
+            modified: f.modification_time(),
+        })
+        .try_collect()
+        .await
+        .map_err(|e| LakeError::delta(tref, e))
+}
+
+/// Merges small files as [`plan`] groups them, one commit per call. Rows,
+/// their values and the table's versions for time travel are unchanged; a
+/// crash before the commit leaves only unreferenced files for vacuum.
+pub async fn compact(
+    tref: &TableRef,
+    table: &mut DeltaTable,
+    c: &Compaction,
+) -> Result<Compacted, LakeError> {
+    let delta = |e| LakeError::delta(tref, e);
+    let snapshot = table.snapshot().map_err(delta)?;
+    if !snapshot.metadata().partition_columns().is_empty() {
+        return Ok(Compacted::default());
+    }
+    let files = active(tref, table).await?;
+    let bins = plan(&files, c);
+    if bins.is_empty() {
+        return Ok(Compacted::default());
+    }
+    let store = table.log_store().object_store(None);
+    let schema = table_schema(tref, table)?;
+    let by_path: HashMap<String, deltalake::kernel::Remove> = snapshot
+        .snapshot()
+        .file_views(table.log_store().as_ref(), None)
+        .map_ok(|f| (f.path().to_string(), f.remove_action(false)))
+        .try_collect()
+        .await
+        .map_err(delta)?;
+    let mut actions: Vec<Action> = Vec::new();
+    let mut out = Compacted::default();
+    for bin in &bins {
+        let mut batches = Vec::new();
+        for f in bin {
+            for b in crate::read_parquet(&store, &f.path).await? {
+                batches.push(crate::commits::conform(b, &schema)?);
+            }
+        }
+        let base = writer_properties(&[]);
+        let plain = crate::dictionary::near_unique_columns(&batches, |col| {
+            base.dictionary_enabled(&ColumnPath::from(col))
+        });
+        let properties = writer_properties(&plain);
+        let mut writer = RecordBatchWriter::for_table(table)
+            .map_err(delta)?
+            .with_writer_properties(properties);
+        for b in batches.into_iter().filter(|b| b.num_rows() > 0) {
+            writer.write(b).await.map_err(delta)?;
+        }
+        let adds: Vec<Add> = writer.flush().await.map_err(delta)?;
+        medallion_runtime::failpoint::hit("lake.compact.before_commit");
+        for mut add in adds {
+            add.data_change = false;
+            out.files_added += 1;
+            actions.push(Action::Add(add));
+        }
+        for f in bin {
+            if let Some(r) = by_path.get(&f.path) {
+                out.files_removed += 1;
+                out.bytes_rewritten += f.size as i64;
+                actions.push(Action::Remove(r.clone()));
+            }
+        }
+    }
+    let operation = DeltaOperation::Optimize {
+        predicate: None,
+        target_size: c.target_file_size as i64,
+    };
+    // A concurrent commit that removed one of these files (an overwrite)
+    // makes delta-rs refuse this one; the next cycle plans again.
+    let finalized = CommitBuilder::from(maintenance_properties("compact"))
+        .with_actions(actions)
+        .build(Some(snapshot), table.log_store(), operation)
+        .await
+        .map_err(delta)?;
+    out.version = Some(finalized.version() as i64);
+    table.state = Some(finalized.snapshot());
+    Ok(out)
+}
+
+/// Sets the properties that differ from `wanted`, in one metadata commit.
+/// Returns whether a commit was made.
+pub async fn ensure_properties(
+    tref: &TableRef,
+    table: &mut DeltaTable,
+    wanted: &Properties,
+) -> Result<bool, LakeError> {
+    let delta = |e| LakeError::delta(tref, e);
+    let current = table
+        .snapshot()
+        .map_err(delta)?
+        .metadata()
+        .configuration()
+        .clone();
+    let changes: HashMap<String, String> = wanted
+        .wanted()
+        .into_iter()
+        .filter(|(k, v)| current.get(k) != Some(v))
+        .collect();
+    if changes.is_empty() {
+        return Ok(false);
+    }
+    let updated = table
+        .clone()
+        .set_tbl_properties()
+        .with_properties(changes)
+        .with_commit_properties(maintenance_properties("properties"))
+        .await
+        .map_err(delta)?;
+    *table = updated;
+    Ok(true)
+}
+
+/// Removes whole files whose every row has `column` before `cutoff`
+/// (microseconds since the epoch), as one Delta delete. Files straddling
+/// the cutoff wait until all their rows are old: retention is a floor.
+pub async fn expire(
+    tref: &TableRef,
+    table: &mut DeltaTable,
+    column: &str,
+    cutoff: chrono::DateTime<chrono::Utc>,
+) -> Result<usize, LakeError> {
+    let delta = |e| LakeError::delta(tref, e);
+    let snapshot = table.snapshot().map_err(delta)?;
+    let expired: Vec<deltalake::kernel::Remove> = snapshot
+        .snapshot()
+        .file_views(table.log_store().as_ref(), None)
+        .try_filter_map(|f| {
+            let newest = f.stats().and_then(|s| max_timestamp(&s, column));
+            futures::future::ready(Ok(match newest {
+                Some(t) if t < cutoff => Some(f.remove_action(true)),
+                _ => None,
+            }))
+        })
+        .try_collect()
+        .await
+        .map_err(delta)?;
+    if expired.is_empty() {
+        return Ok(0);
+    }
+    let n = expired.len();
+    let operation = DeltaOperation::Delete {
+        predicate: Some(format!("{column} < '{}'", cutoff.to_rfc3339())),
+    };
+    let finalized = CommitBuilder::from(maintenance_properties("expire"))
+        .with_actions(expired.into_iter().map(Action::Remove).collect())
+        .build(Some(snapshot), table.log_store(), operation)
+        .await
+        .map_err(delta)?;
+    table.state = Some(finalized.snapshot());
+    Ok(n)
+}
+
+/// The largest value of a timestamp column in a file's statistics.
+fn max_timestamp(stats: &str, column: &str) -> Option<chrono::DateTime<chrono::Utc>> {
+    let v: serde_json::Value = serde_json::from_str(stats).ok()?;
+    let s = v.get("maxValues")?.get(column)?.as_str()?;
+    chrono::DateTime::parse_from_rfc3339(s)
+        .ok()
+        .map(|t| t.with_timezone(&chrono::Utc))
+}
+
+/// Deletes files removed from the table more than `retention` ago (and,
+/// with `orphans`, files no version references that are older than
+/// `retention`: what a crash between writing a file and committing it left).
+pub async fn vacuum(
+    tref: &TableRef,
+    table: &mut DeltaTable,
+    retention: Duration,
+    orphans: bool,
+) -> Result<Vacuumed, LakeError> {
+    let delta = |e| LakeError::delta(tref, e);
+    let retention = chrono::Duration::from_std(retention).unwrap_or(chrono::Duration::MAX);
+    let (updated, metrics) = table
+        .clone()
+        .vacuum()
+        .with_retention_period(retention)
+        .with_enforce_retention_duration(false)
+        .with_mode(if orphans {
+            VacuumMode::Full
+        } else {
+            VacuumMode::Lite
+        })
+        .with_commit_properties(maintenance_properties("vacuum"))
+        .await
+        .map_err(delta)?;
+    *table = updated;
+    debug!(table = %tref, files = metrics.files_deleted.len(), "vacuumed");
+    Ok(Vacuumed {
+        files_deleted: metrics.files_deleted.len(),
+    })
+}
+
+/// Files, sizes, log length and unreferenced bytes of a table.
+pub async fn health(
+    tref: &TableRef,
+    table: &DeltaTable,
+    c: &Compaction,
+) -> Result<TableHealth, LakeError> {
+    let files = active(tref, table).await?;
+    let version = table.version().map(|v| v as i64).unwrap_or(-1);
+    let store = table.log_store().object_store(None);
+    let checkpoint_version = match store.get(&Path::from("_delta_log/_last_checkpoint")).await {
+        Ok(r) => r
+            .bytes()
+            .await
+            .ok()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            .and_then(|v| v.get("version").and_then(|v| v.as_i64())),
+        Err(object_store::Error::NotFound { .. }) => None,
+        Err(e) => return Err(e.into()),
+    };
+    let referenced: std::collections::HashSet<&str> =
+        files.iter().map(|f| f.path.as_str()).collect();
+    let mut unreferenced_files = 0;
+    let mut unreferenced_bytes = 0;
+    let mut listing = store.list(None);
+    while let Some(meta) = listing.next().await {
+        let meta = meta?;
+        let p = meta.location.as_ref();
+        if p.starts_with('_') || p.starts_with('.') || p.contains("/_") {
+            continue;
+        }
+        let decoded = percent_decoded(p);
+        if !referenced.contains(p) && !referenced.contains(decoded.as_str()) {
+            unreferenced_files += 1;
+            unreferenced_bytes += meta.size as i64;
+        }
+    }
+    let bytes: i64 = files.iter().map(|f| f.size as i64).sum();
+    Ok(TableHealth {
+        version,
+        files: files.len(),
+        bytes,
+        average_file_bytes: if files.is_empty() {
+            0
+        } else {
+            bytes / files.len() as i64
+        },
+        small_files: files
+            .iter()
+            .filter(|f| f.size < c.target_file_size / 2)
+            .count(),
+        checkpoint_version,
+        log_since_checkpoint: version - checkpoint_version.unwrap_or(-1),
+        unreferenced_files,
+        unreferenced_bytes,
+    })
+}
+
+fn percent_decoded(p: &str) -> String {
+    Path::from_url_path(p)
+        .map(|p| p.to_string())
+        .unwrap_or_else(|_| p.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn f(path: &str, size: u64, modified: i64) -> FileStat {
+        FileStat {
+            path: path.into(),
+            size,
+            modified,
+        }
+    }
+
+    const C: Compaction = Compaction {
+        target_file_size: 128 << 20,
+        fanout: 4,
+    };
+
+    #[test]
+    fn waits_until_a_class_has_fanout_files() {
+        let files: Vec<FileStat> = (0..3).map(|i| f(&format!("{i}"), 10_000, i)).collect();
+        assert!(plan(&files, &C).is_empty());
+        let files: Vec<FileStat> = (0..9).map(|i| f(&format!("{i}"), 10_000, i)).collect();
+        let bins = plan(&files, &C);
+        assert_eq!(bins.len(), 2);
+        assert_eq!(
+            bins[0].iter().map(|f| f.modified).collect::<Vec<_>>(),
+            [0, 1, 2, 3]
+        );
+    }
+
+    #[test]
+    fn big_files_are_left_alone_and_classes_do_not_mix() {
+        let mut files: Vec<FileStat> = (0..8)
+            .map(|i| f(&format!("big{i}"), 100 << 20, i))
+            .collect();
+        files.extend((0..3).map(|i| f(&format!("s{i}"), 10_000, i)));
+        files.extend((0..3).map(|i| f(&format!("m{i}"), 2 << 20, i)));
+        assert!(plan(&files, &C).is_empty());
+    }
+
+    proptest! {
+        /// Every planned file is small, in one bin only, bins stay at or
+        /// below the target (or are two files that each were small), and
+        /// after merging what is left below the target is bounded per class.
+        #[test]
+        fn bins_are_disjoint_bounded_and_leave_few_small_files(
+            sizes in proptest::collection::vec(1u64..(80 << 20), 0..200),
+        ) {
+            let files: Vec<FileStat> = sizes.iter().enumerate().map(|(i, s)| f(&format!("{i}"), *s, i as i64)).collect();
+            let bins = plan(&files, &C);
+            let mut seen = std::collections::HashSet::new();
+            for bin in &bins {
+                prop_assert!(bin.len() >= 2 && bin.len() <= C.fanout);
+                let total: u64 = bin.iter().map(|f| f.size).sum();
+                prop_assert!(total <= C.target_file_size);
+                for x in bin {
+                    prop_assert!(x.size < C.target_file_size / 2);
+                    prop_assert!(seen.insert(x.path.clone()));
+                }
+            }
+            let mut left: HashMap<u32, usize> = HashMap::new();
+            for x in files.iter().filter(|x| x.size < C.target_file_size / 2 && !seen.contains(&x.path)) {
+                *left.entry(size_class(x.size, C.fanout as u64)).or_default() += 1;
+            }
+            // A class keeps fewer than `fanout` files, unless files too big to
+            // share a bin were set aside.
+            for (class, n) in left {
+                let big = (64u64 * 1024).saturating_mul((C.fanout as u64).pow(class)) >= C.target_file_size / (C.fanout as u64);
+                prop_assert!(n < C.fanout || big, "class {class} keeps {n}");
+            }
+        }
+    }
+}
