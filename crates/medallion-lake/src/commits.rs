@@ -165,7 +165,7 @@ pub async fn commit_metadata(
 }
 
 /// The actions of the log entry of `version`; `None` if it is gone.
-async fn commit_actions(
+pub(crate) async fn commit_actions(
     tref: &TableRef,
     table: &DeltaTable,
     version: i64,

@@ -456,6 +456,70 @@ pub async fn health(
     })
 }
 
+/// What the newest commits of a table say about it.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct RecentCommits {
+    /// The newest commit that changed rows (not maintenance): version and
+    /// time in ms. Freshness is measured from it: a compaction or a vacuum
+    /// does not make stale data fresh.
+    pub last_data: Option<(i64, Option<i64>)>,
+    pub last_compaction_ms: Option<i64>,
+    pub last_vacuum_ms: Option<i64>,
+}
+
+/// Walks back at most `max_back` log entries from the table's version.
+pub async fn recent_commits(
+    tref: &TableRef,
+    table: &DeltaTable,
+    max_back: i64,
+) -> Result<RecentCommits, LakeError> {
+    let mut out = RecentCommits::default();
+    let Some(latest) = table.version().map(|v| v as i64) else {
+        return Ok(out);
+    };
+    let mut v = latest;
+    while v >= 0 && latest - v < max_back {
+        let Some(actions) = crate::commits::commit_actions(tref, table, v).await? else {
+            break;
+        };
+        let mut data = false;
+        let mut job = None;
+        let mut at = None;
+        for a in &actions {
+            match a {
+                Action::Add(a) if a.data_change => data = true,
+                Action::Remove(r) if r.data_change => data = true,
+                Action::CommitInfo(ci) => {
+                    at = ci.timestamp;
+                    job = ci
+                        .info
+                        .get(MAINTENANCE_KEY)
+                        .and_then(|j| j.as_str())
+                        .map(str::to_string);
+                    if ci.operation.as_deref() == Some("VACUUM END") {
+                        job = Some("vacuum".into());
+                    }
+                }
+                _ => {}
+            }
+        }
+        match job.as_deref() {
+            Some("compact") if out.last_compaction_ms.is_none() => out.last_compaction_ms = at,
+            Some("vacuum") if out.last_vacuum_ms.is_none() => out.last_vacuum_ms = at,
+            None if data && out.last_data.is_none() => out.last_data = Some((v, at)),
+            _ => {}
+        }
+        if out.last_data.is_some()
+            && out.last_compaction_ms.is_some()
+            && out.last_vacuum_ms.is_some()
+        {
+            break;
+        }
+        v -= 1;
+    }
+    Ok(out)
+}
+
 fn percent_decoded(p: &str) -> String {
     Path::from_url_path(p)
         .map(|p| p.to_string())

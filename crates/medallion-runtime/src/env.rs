@@ -44,7 +44,7 @@ vars! {
     "MEDALLION_INGEST_MAX_BYTES", Some("-1"), "ingest", "Ingest stream size limit; publishers are refused when full (-1: none)";
     "MEDALLION_MAINTENANCE_INTERVAL", Some("1m"), "ingest,transform,aggregate", "How often a stage looks after the tables it writes (compaction, checkpoints, Bronze expiry); 0s turns table maintenance off";
     "MEDALLION_VACUUM_INTERVAL", Some("1h"), "ingest,transform,aggregate", "How often files outside the time-travel retention are deleted";
-    "MEDALLION_COMPACT_TARGET_BYTES", Some("134217728"), "ingest,transform,aggregate", "Compaction merges small files up to this size; files of half of it or more are left alone";
+    "MEDALLION_COMPACT_TARGET_BYTES", Some("134217728"), "ingest,transform,aggregate,catalog", "Compaction merges small files up to this size; files of half of it or more are left alone";
     "MEDALLION_COMPACT_FANOUT", Some("8"), "ingest,transform,aggregate", "Files of one size class merged at once, and how many wait before a merge (each row is rewritten about log_fanout(target / commit size) times)";
     "MEDALLION_CHECKPOINT_INTERVAL", Some("100"), "ingest,transform,aggregate", "A Delta checkpoint every this many commits (opening a table reads the checkpoint and fewer log entries than this)";
     "MEDALLION_TIME_TRAVEL", Some("7d"), "ingest,transform,aggregate", "Old versions stay readable at least this long (a product's spec.retention.time_travel overrides it); must exceed how far a stage may fall behind";

@@ -10,8 +10,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use medallion_bus::registry::{Registry, SpecSource};
-use medallion_lake::Lake;
 use medallion_lake::query::{Grant, TimeTravel, run_query, session};
+use medallion_lake::{Lake, maintenance};
 use medallion_spec::products::Products;
 use medallion_spec::{Contract, TableRef};
 use serde::Deserialize;
@@ -41,6 +41,8 @@ pub struct AppState {
     pub audit: Audit,
     pub row_limit: usize,
     pub query_timeout: Duration,
+    /// Files below half of this count as small in a table's health.
+    pub compact_target_bytes: u64,
 }
 
 #[derive(OpenApi)]
@@ -209,7 +211,7 @@ async fn add_quality(s: &AppState, contract: &Contract, summary: &mut Value) {
 async fn product_summary(lake: &Lake, c: &Caller, contract: &Contract) -> Value {
     let mut tables = Vec::new();
     for g in grants_for(c, contract) {
-        tables.push(table_summary(lake, &g.table, contract).await);
+        tables.push(table_summary(lake, &g.table, contract, None).await);
     }
     let spec = &contract.product.spec;
     json!({
@@ -222,7 +224,14 @@ async fn product_summary(lake: &Lake, c: &Caller, contract: &Contract) -> Value 
     })
 }
 
-async fn table_summary(lake: &Lake, t: &TableRef, contract: &Contract) -> Value {
+/// A table's summary; with `health` (the compaction target), also its
+/// files, log and maintenance (one table's view, not product lists).
+async fn table_summary(
+    lake: &Lake,
+    t: &TableRef,
+    contract: &Contract,
+    health: Option<u64>,
+) -> Value {
     let Ok(Some(table)) = medallion_lake::open_at(lake, t, None).await else {
         return json!({"name": t.sql_name(), "exists": false});
     };
@@ -231,11 +240,11 @@ async fn table_summary(lake: &Lake, t: &TableRef, contract: &Contract) -> Value 
         .await
         .map(|f| f.iter().map(|f| f.num_records.unwrap_or(0)).sum())
         .unwrap_or(0);
-    let last_ms = medallion_lake::read_commit(t, &table, version)
+    // Freshness counts commits that brought rows, not maintenance.
+    let recent = maintenance::recent_commits(t, &table, 200)
         .await
-        .ok()
-        .flatten()
-        .and_then(|c| c.timestamp);
+        .unwrap_or_default();
+    let last_ms = recent.last_data.and_then(|(_, ms)| ms);
     let age = last_ms.map(|ms| (chrono::Utc::now().timestamp_millis() - ms).max(0) as f64 / 1000.0);
     let freshness = match (contract.freshness, age) {
         (Some(sla), Some(age)) => Some(if age <= sla.as_secs_f64() {
@@ -248,7 +257,7 @@ async fn table_summary(lake: &Lake, t: &TableRef, contract: &Contract) -> Value 
     let schema = medallion_lake::table_schema(t, &table)
         .map(|s| s.fields().iter().map(|f| json!({"name": f.name(), "type": f.data_type().to_string(), "nullable": f.is_nullable()})).collect::<Vec<_>>())
         .unwrap_or_default();
-    json!({
+    let mut out = json!({
         "name": t.sql_name(),
         "layer": t.layer.as_str(),
         "exists": true,
@@ -258,21 +267,47 @@ async fn table_summary(lake: &Lake, t: &TableRef, contract: &Contract) -> Value 
         "age_seconds": age,
         "freshness": freshness,
         "schema": schema,
-    })
+    });
+    if let Some(target) = health {
+        let compaction = maintenance::Compaction {
+            target_file_size: target,
+            fanout: 2,
+        };
+        let rfc = |ms: Option<i64>| {
+            ms.and_then(chrono::DateTime::from_timestamp_millis)
+                .map(|d| d.to_rfc3339())
+        };
+        if let Ok(h) = maintenance::health(t, &table, &compaction).await {
+            out["health"] = json!({
+                "files": h.files,
+                "bytes": h.bytes,
+                "average_file_bytes": h.average_file_bytes,
+                "small_files": h.small_files,
+                "checkpoint_version": h.checkpoint_version,
+                "log_since_checkpoint": h.log_since_checkpoint,
+                "unreferenced_files": h.unreferenced_files,
+                "unreferenced_bytes": h.unreferenced_bytes,
+                "last_compaction": rfc(recent.last_compaction_ms),
+                "last_vacuum": rfc(recent.last_vacuum_ms),
+            });
+        }
+    }
+    out
 }
 
-/// The version and last commit time (ms) of a table; `None` when it does not exist yet.
+/// The version and the time (ms) of the last commit that brought rows (not
+/// maintenance) of a table; `None` when it does not exist yet.
 pub(crate) async fn last_commit(lake: &Lake, t: &TableRef) -> Option<(Option<i64>, Option<i64>)> {
     let table = medallion_lake::open_at(lake, t, None)
         .await
         .ok()
         .flatten()?;
     let version = table.version().map(|v| v as i64)?;
-    let last_ms = medallion_lake::read_commit(t, &table, version)
+    let last_ms = maintenance::recent_commits(t, &table, 200)
         .await
         .ok()
-        .flatten()
-        .and_then(|c| c.timestamp);
+        .and_then(|r| r.last_data)
+        .and_then(|(_, ms)| ms);
     Some((Some(version), last_ms))
 }
 
@@ -406,7 +441,7 @@ async fn lineage(
 
 #[utoipa::path(get, path = "/v1/tables/{layer}/{domain}/{table}", tag = "tables",
     params(("layer" = String, Path, description = "bronze, silver or gold"), ("domain" = String, Path), ("table" = String, Path)),
-    responses((status = 200, description = "Schema, version, rows, last commit, freshness"), (status = 403, description = "Not granted")),
+    responses((status = 200, description = "Schema, version, rows, last commit, freshness, and health: files, sizes, log since the last checkpoint, unreferenced bytes, last compaction and vacuum"), (status = 403, description = "Not granted")),
     security(("bearer" = [])))]
 async fn table_info(
     State(s): State<Arc<AppState>>,
@@ -441,7 +476,9 @@ async fn table_info(
     s.audit
         .record(AuditRecord::allowed(&c.user, "table", &target, None, None))
         .await;
-    Ok(Json(table_summary(&s.lake, &tref, &contract).await))
+    Ok(Json(
+        table_summary(&s.lake, &tref, &contract, Some(s.compact_target_bytes)).await,
+    ))
 }
 
 #[derive(Deserialize)]

@@ -18,6 +18,8 @@ pub struct CatalogConfig {
     pub verifier: Option<Verifier>,
     pub row_limit: usize,
     pub query_timeout: Duration,
+    /// Files below half of this count as small in a table's health.
+    pub compact_target_bytes: u64,
     pub reload_interval: Duration,
     /// Run the DataProduct controller (`MEDALLION_KUBE_CONTROLLER`).
     pub kube_controller: bool,
@@ -78,6 +80,7 @@ impl CatalogConfig {
             verifier,
             row_limit: env.usize("MEDALLION_QUERY_ROW_LIMIT", 1),
             query_timeout: env.duration("MEDALLION_QUERY_TIMEOUT"),
+            compact_target_bytes: env.usize("MEDALLION_COMPACT_TARGET_BYTES", 1 << 20) as u64,
             reload_interval: env.duration("MEDALLION_RELOAD_INTERVAL"),
             kube_controller: env.bool("MEDALLION_KUBE_CONTROLLER"),
         }

@@ -46,6 +46,7 @@ pub async fn run(config: CatalogConfig, rt: Runtime) -> anyhow::Result<()> {
         audit: Audit::new(js),
         row_limit: config.row_limit,
         query_timeout: config.query_timeout,
+        compact_target_bytes: config.compact_target_bytes,
     });
     state.seed_from_folder().await;
     state.sync().await;

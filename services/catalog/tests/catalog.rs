@@ -164,8 +164,17 @@ async fn governance_end_to_end() {
             .await;
         assert_eq!(s, want, "query {table}: {v}");
         let path = format!("/v1/tables/{}", table.replace('.', "/"));
-        let (s, _) = api.call("GET", &path, Some(token), None).await;
+        let (s, v) = api.call("GET", &path, Some(token), None).await;
         assert_eq!(s, want, "GET {path}");
+        if s == 200 && v["exists"] == true {
+            // The table's health, for operators: files, log, maintenance.
+            let h = &v["health"];
+            assert!(h["files"].as_u64().is_some_and(|n| n >= 1), "{table}: {v}");
+            assert!(h["bytes"].as_i64().is_some_and(|n| n > 0), "{table}: {v}");
+            assert!(h["log_since_checkpoint"].as_i64().is_some(), "{table}: {v}");
+            assert_eq!(h["unreferenced_files"], 0, "{table}: {v}");
+            assert!(v["last_commit"].is_string(), "{table}: freshness counts data commits: {v}");
+        }
     }
     let (s, v) = api.call("GET", "/v1/products", Some(&nobody), None).await;
     assert_eq!(
