@@ -73,6 +73,8 @@ pub struct Contract {
     pub time_travel: Option<std::time::Duration>,
     /// `spec.retention.bronze`, if set.
     pub bronze_retention: Option<std::time::Duration>,
+    /// `spec.dedupe.within`, if set.
+    pub dedupe_within: Option<std::time::Duration>,
 }
 
 impl std::fmt::Debug for Contract {
@@ -194,6 +196,11 @@ impl Contract {
         let retention = product.spec.retention.clone().unwrap_or_default();
         let time_travel = retention.time_travel.as_deref().and_then(parse_duration);
         let bronze_retention = retention.bronze.as_deref().and_then(parse_duration);
+        let dedupe_within = product
+            .spec
+            .dedupe
+            .as_ref()
+            .and_then(|d| parse_duration(&d.within));
 
         if !errors.is_empty() {
             return Err(SpecErrors(errors));
@@ -209,6 +216,7 @@ impl Contract {
             freshness,
             time_travel,
             bronze_retention,
+            dedupe_within,
         })
     }
 }
@@ -434,6 +442,24 @@ fn check_structure(p: &DataProduct, errors: &mut Vec<SpecError>) {
     }
     if let Some(r) = &s.retention {
         check_retention(r, &mut err);
+    }
+    if let Some(d) = &s.dedupe {
+        match parse_duration(&d.within) {
+            Some(t) if t >= std::time::Duration::from_secs(1) => {}
+            _ => err(
+                "spec.dedupe.within".into(),
+                format!(
+                    "`{}` is not a duration of at least a second; write e.g. `7d` or `12h`",
+                    d.within
+                ),
+            ),
+        }
+        if s.key.is_empty() {
+            err(
+                "spec.dedupe.within".into(),
+                "de-duplication needs a key: set spec.key, or remove spec.dedupe".into(),
+            );
+        }
     }
     if let Some(sla) = &s.sla
         && parse_duration(&sla.freshness).is_none()

@@ -64,6 +64,9 @@ pub struct ProductSpec {
     /// How long old versions and raw data are kept (platform defaults when unset).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retention: Option<Retention>,
+    /// How long a key is remembered for de-duplication (default: for ever).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dedupe: Option<Dedupe>,
     /// Units of work the product is spread over in every stage, 1 to 32
     /// (default 1); may change at any time.
     #[serde(default = "one", skip_serializing_if = "is_one")]
@@ -272,6 +275,17 @@ pub struct Retention {
     /// `90d`. Default: raw data is kept for ever.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bronze: Option<String>,
+}
+
+/// De-duplication on the key within a horizon.
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Dedupe {
+    /// A row is dropped as a duplicate only if its key was committed to
+    /// Silver less than this long before (at least; up to a quarter more),
+    /// e.g. `7d`. Bounds the transform's memory by the keys of that span.
+    pub within: String,
 }
 
 impl DataProduct {

@@ -81,6 +81,9 @@ async fn every_problem_is_reported_with_its_field() {
             time_travel: Some("a week".into()),
             bronze: Some("0s".into()),
         });
+        p.spec.dedupe = Some(crate::model::Dedupe {
+            within: "later".into(),
+        });
     });
     let errs = errors_of(p).await;
     let fields: Vec<_> = errs.fields().collect();
@@ -93,6 +96,7 @@ async fn every_problem_is_reported_with_its_field() {
         "spec.sla.freshness",
         "spec.retention.time_travel",
         "spec.retention.bronze",
+        "spec.dedupe.within",
     ] {
         assert!(fields.contains(&f), "missing {f} in {errs}");
     }
@@ -322,8 +326,15 @@ async fn retention_is_read_from_the_spec() {
             time_travel: Some("7d".into()),
             bronze: Some("90d".into()),
         });
+        p.spec.dedupe = Some(crate::model::Dedupe {
+            within: "2d".into(),
+        });
     });
     let c = Contract::compile(p).await.expect("valid");
+    assert_eq!(
+        c.dedupe_within,
+        Some(std::time::Duration::from_secs(2 * 86400))
+    );
     assert_eq!(
         c.time_travel,
         Some(std::time::Duration::from_secs(7 * 86400))

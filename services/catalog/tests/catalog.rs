@@ -173,7 +173,10 @@ async fn governance_end_to_end() {
             assert!(h["bytes"].as_i64().is_some_and(|n| n > 0), "{table}: {v}");
             assert!(h["log_since_checkpoint"].as_i64().is_some(), "{table}: {v}");
             assert_eq!(h["unreferenced_files"], 0, "{table}: {v}");
-            assert!(v["last_commit"].is_string(), "{table}: freshness counts data commits: {v}");
+            assert!(
+                v["last_commit"].is_string(),
+                "{table}: freshness counts data commits: {v}"
+            );
         }
     }
     let (s, v) = api.call("GET", "/v1/products", Some(&nobody), None).await;

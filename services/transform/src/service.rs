@@ -119,6 +119,9 @@ impl Stage for Transform {
         if state.halted.is_some() {
             return Progress::Stalled;
         }
+        // A key past the dedupe horizon must not drop a row, even after a
+        // quiet spell with no commit to forget it at.
+        state.keys.forget_old_now();
         let shared = !pass.partitions.all_held();
         if shared || state.partitions.as_ref() != Some(pass.partitions) {
             // Other replicas commit too (or did while this one held fewer

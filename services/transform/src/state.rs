@@ -6,7 +6,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use medallion_lake::{Lake, TableOptions, TableWriter, read_commit, read_parquet_columns};
 use medallion_spec::layout::{quarantine, quarantine_schema};
-use medallion_spec::{Contract, TableRef};
+use medallion_spec::{Contract, INGESTED_AT_COLUMN, TableRef};
 use medallion_stage::Partitions;
 use tracing::{info, warn};
 
@@ -192,7 +192,7 @@ pub(crate) async fn open_state(
     .await
     .map_err(|e| e.to_string())?;
     let (processed, generation) = position(silver.txn_version());
-    let keys = load_keys(&silver, contract.key()).await?;
+    let keys = load_keys(&silver, contract.key(), contract.dedupe_within).await?;
     Ok(ProductState {
         keys_at: silver.version(),
         contract,
@@ -211,7 +211,11 @@ pub(crate) async fn open_state(
 /// The key set as of Silver's current version: newest snapshot + later
 /// commits; or, without a snapshot or when a later commit's files are gone
 /// (compacted, then vacuumed), the key columns of the current files.
-async fn load_keys(silver: &TableWriter, key: &[String]) -> Result<KeySet, String> {
+async fn load_keys(
+    silver: &TableWriter,
+    key: &[String],
+    horizon: Option<std::time::Duration>,
+) -> Result<KeySet, String> {
     if key.is_empty() {
         return Ok(KeySet::default());
     }
@@ -222,14 +226,14 @@ async fn load_keys(silver: &TableWriter, key: &[String]) -> Result<KeySet, Strin
         .await
         .map_err(|e| e.to_string())?;
     let (keys, from) = match snapshot {
-        Some((v, set)) => match replay_keys(silver, key, set, v + 1).await {
+        Some((v, set)) => match replay_keys(silver, key, set.with_horizon(horizon), v + 1).await {
             Ok(keys) => (keys, v + 1),
             Err(e) => {
                 warn!(table = %silver.table_ref(), error = %e, "dedupe snapshot cannot be brought up to date; reading the keys of the current files");
-                (scan_keys(silver, key).await?, -1)
+                (scan_keys(silver, key, horizon).await?, -1)
             }
         },
-        None => (scan_keys(silver, key).await?, -1),
+        None => (scan_keys(silver, key, horizon).await?, -1),
     };
     info!(table = %silver.table_ref(), keys = keys.len(), from_version = from, to_version = current, ms = started.elapsed().as_millis() as u64, "dedupe state loaded");
     Ok(keys)
@@ -257,16 +261,27 @@ async fn replay_keys(
     Ok(keys)
 }
 
-/// Reads only the key columns of every current file.
-async fn scan_keys(silver: &TableWriter, key: &[String]) -> Result<KeySet, String> {
+/// Reads only the key columns of every current file (and, with a horizon,
+/// when each row was ingested: older keys are past it).
+async fn scan_keys(
+    silver: &TableWriter,
+    key: &[String],
+    horizon: Option<std::time::Duration>,
+) -> Result<KeySet, String> {
     let store = silver.table().log_store().object_store(None);
-    let mut keys = KeySet::default();
+    let mut keys = KeySet::default().with_horizon(horizon);
+    let since = horizon.map(|h| now_us() - h.as_micros() as i64);
+    let mut columns = key.to_vec();
+    if since.is_some() {
+        columns.push(INGESTED_AT_COLUMN.to_string());
+    }
     for f in silver.files().await.map_err(|e| e.to_string())? {
-        for b in read_parquet_columns(&store, &f.path, key)
+        for b in read_parquet_columns(&store, &f.path, &columns)
             .await
             .map_err(|e| e.to_string())?
         {
-            keys.add_batch(&b, key).map_err(|e| e.to_string())?;
+            keys.add_batch_since(&b, key, since)
+                .map_err(|e| e.to_string())?;
         }
     }
     Ok(keys)

@@ -436,3 +436,79 @@ spec:
     ingest.shutdown.cancel();
     handle.await.unwrap().unwrap();
 }
+
+/// `spec.dedupe.within`: a key re-sent within the horizon is a duplicate;
+/// re-sent once the horizon (plus its quarter of slack) has passed, it is
+/// new data — also for a transform restarted in between, which rebuilds
+/// its keys from Silver's files and their `_ingested_at`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_are_forgotten_after_the_dedupe_horizon() {
+    init_logs();
+    let nats = NatsServer::start();
+    let lake_dir = tempfile::tempdir().unwrap();
+    let products = tempfile::tempdir().unwrap();
+    let spec = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../products/payments.yaml"
+    ))
+    .unwrap()
+    .replace(
+        "  key: [event_id]\n",
+        "  key: [event_id]\n  dedupe: {within: 4s}\n",
+    );
+    assert!(spec.contains("dedupe"), "the spec fixture changed shape");
+    std::fs::write(products.path().join("payments.yaml"), spec).unwrap();
+    let lake = Lake::from_location(&lake_dir.path().display().to_string()).unwrap();
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let js = jetstream::new(client.clone());
+    medallion_bus::ensure_streams(&js, &Default::default())
+        .await
+        .unwrap();
+    let v = |addr| vars(&nats, lake_dir.path(), products.path(), addr);
+    let ingest = start_ingest(v("MEDALLION_INGEST_ADDR"));
+    let (transform, handle) = start_transform(v("MEDALLION_TRANSFORM_ADDR"));
+    let silver = TableRef::silver("finance", "payments");
+    let ids = |b: &[RecordBatch]| {
+        let mut v = strings(b, "event_id");
+        v.sort();
+        v
+    };
+
+    publish(&js, payment("a", 1.0, "EUR", "FR")).await;
+    eventually(Duration::from_secs(60), "a in silver", || async {
+        ids(&rows(&lake, &silver).await) == ["a"]
+    })
+    .await;
+    // Within the horizon: a duplicate.
+    publish(&js, payment("a", 2.0, "EUR", "FR")).await;
+    publish(&js, payment("b", 1.0, "EUR", "FR")).await;
+    eventually(Duration::from_secs(60), "b in silver", || async {
+        count(&rows(&lake, &silver).await) == 2
+    })
+    .await;
+    assert_eq!(ids(&rows(&lake, &silver).await), ["a", "b"]);
+
+    // Past 1.25 × the horizon: `a` is new data again.
+    tokio::time::sleep(Duration::from_millis(5_300)).await;
+    publish(&js, payment("a", 3.0, "EUR", "FR")).await;
+    eventually(Duration::from_secs(60), "a again", || async {
+        count(&rows(&lake, &silver).await) == 3
+    })
+    .await;
+
+    // A restart rebuilds the keys of the horizon: `b` (old) is forgotten,
+    // the second `a` (recent) is remembered.
+    transform.shutdown.cancel();
+    handle.await.unwrap().unwrap();
+    let (transform, handle) = start_transform(v("MEDALLION_TRANSFORM_ADDR"));
+    publish(&js, payment("a", 4.0, "EUR", "FR")).await;
+    publish(&js, payment("b", 2.0, "EUR", "FR")).await;
+    eventually(Duration::from_secs(60), "b again", || async {
+        count(&rows(&lake, &silver).await) == 4
+    })
+    .await;
+    assert_eq!(ids(&rows(&lake, &silver).await), ["a", "a", "b", "b"]);
+    transform.shutdown.cancel();
+    handle.await.unwrap().unwrap();
+    ingest.shutdown.cancel();
+}
