@@ -77,7 +77,7 @@ class Platform:
 
     def start(self, stage):
         addr = f"127.0.0.1:{free_port()}"
-        env = dict(os.environ, NATS_URL=self.url, MEDALLION_LAKE=self.lake, MEDALLION_LOG="warn",
+        env = dict(os.environ, NATS_URL=self.url, MEDALLION_LAKE=self.lake, MEDALLION_LOG="warn,medallion_stage::maintenance=info",
                    MEDALLION_SPEC_SOURCE="folder", MEDALLION_PRODUCTS=self.specs,
                    OTEL_SDK_DISABLED="true", **{f"MEDALLION_{stage.upper()}_ADDR": addr})
         env["MEDALLION_VACUUM_INTERVAL"] = self.args.vacuum_interval
@@ -209,6 +209,7 @@ def main():
     # disk shows within the run.
     ap.add_argument("--time-travel", default="5m")
     ap.add_argument("--vacuum-interval", default="5m")
+    ap.add_argument("--keep", action="store_true", help="keep the lake and the services' logs")
     args = ap.parse_args()
     tmp = tempfile.mkdtemp(prefix="medallion-soak-")
     plat = Platform(args, tmp)
@@ -281,7 +282,10 @@ def main():
         "| minute | Bronze files (current / on disk) | Silver | Gold | log since checkpoint B / S / G | Silver open (s) | Silver read all (s) | RSS MiB I / T / A | p50 / p99 publish→Gold (s, bucket bound) |\n"
         "|---|---|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
     append_results(text)
-    shutil.rmtree(tmp, ignore_errors=True)
+    if args.keep:
+        print(f"kept {tmp}")
+    else:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

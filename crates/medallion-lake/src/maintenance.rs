@@ -14,7 +14,6 @@ use std::time::Duration;
 
 use deltalake::kernel::transaction::{CommitBuilder, CommitProperties};
 use deltalake::kernel::{Action, Add};
-use deltalake::operations::vacuum::VacuumMode;
 use deltalake::protocol::DeltaOperation;
 use deltalake::writer::{DeltaWriter, RecordBatchWriter};
 use deltalake::{DeltaTable, Path};
@@ -28,7 +27,7 @@ use crate::LakeError;
 use crate::writer::{table_schema, writer_properties};
 
 /// Commit-info key marking a commit made by table maintenance; its value
-/// names the job (`compact`, `expire`, `properties`, `vacuum`).
+/// names the job (`compact`, `expire`, `properties`).
 pub const MAINTENANCE_KEY: &str = "medallion.maintenance";
 
 /// How small files are merged.
@@ -238,23 +237,34 @@ pub async fn compact(
     let mut actions: Vec<Action> = Vec::new();
     let mut out = Compacted::default();
     for bin in &bins {
-        let mut batches = Vec::new();
+        // One input file in memory at a time: a bin can hold up to the
+        // target size, many times that once decoded.
+        let mut writer: Option<RecordBatchWriter> = None;
         for f in bin {
-            for b in crate::read_parquet(&store, &f.path).await? {
-                batches.push(crate::commits::conform(b, &schema)?);
+            let batches = crate::read_parquet(&store, &f.path)
+                .await?
+                .into_iter()
+                .map(|b| crate::commits::conform(b, &schema))
+                .collect::<Result<Vec<_>, _>>()?;
+            if writer.is_none() {
+                // Dictionary encoding decided from the first file, as the
+                // stages decide it per commit.
+                let base = writer_properties(&[]);
+                let plain = crate::dictionary::near_unique_columns(&batches, |col| {
+                    base.dictionary_enabled(&ColumnPath::from(col))
+                });
+                writer = Some(
+                    RecordBatchWriter::for_table(table)
+                        .map_err(delta)?
+                        .with_writer_properties(writer_properties(&plain)),
+                );
+            }
+            let w = writer.as_mut().expect("created above");
+            for b in batches.into_iter().filter(|b| b.num_rows() > 0) {
+                w.write(b).await.map_err(delta)?;
             }
         }
-        let base = writer_properties(&[]);
-        let plain = crate::dictionary::near_unique_columns(&batches, |col| {
-            base.dictionary_enabled(&ColumnPath::from(col))
-        });
-        let properties = writer_properties(&plain);
-        let mut writer = RecordBatchWriter::for_table(table)
-            .map_err(delta)?
-            .with_writer_properties(properties);
-        for b in batches.into_iter().filter(|b| b.num_rows() > 0) {
-            writer.write(b).await.map_err(delta)?;
-        }
+        let Some(mut writer) = writer else { continue };
         let adds: Vec<Add> = writer.flush().await.map_err(delta)?;
         medallion_runtime::failpoint::hit("lake.compact.before_commit");
         for mut add in adds {
@@ -368,35 +378,108 @@ fn max_timestamp(stats: &str, column: &str) -> Option<chrono::DateTime<chrono::U
         .map(|t| t.with_timezone(&chrono::Utc))
 }
 
-/// Deletes files removed from the table more than `retention` ago (and,
-/// with `orphans`, files no version references that are older than
-/// `retention`: what a crash between writing a file and committing it left).
+/// Where vacuum records its last run (a table's own state, beside it).
+pub const LAST_VACUUM: &str = "_medallion/last_vacuum.json";
+
+/// Deletes the files no version within the retention needs: files removed
+/// from the table more than `retention` ago, and files no version references
+/// (what a crash between writing a file and committing it leaves) once they
+/// are older than `orphan_age` (a younger one may be a commit in flight).
+///
+/// Unlike Delta's VACUUM this writes no log entries: delta-rs's start and
+/// end commits count every file of the table as read, so they fail against
+/// any concurrent commit that removes files (Gold's merges, several a
+/// second), and a stream's table would never be vacuumed. The run is
+/// recorded in [`LAST_VACUUM`] instead.
 pub async fn vacuum(
     tref: &TableRef,
-    table: &mut DeltaTable,
+    table: &DeltaTable,
     retention: Duration,
-    orphans: bool,
+    orphan_age: Duration,
 ) -> Result<Vacuumed, LakeError> {
     let delta = |e| LakeError::delta(tref, e);
-    let retention = chrono::Duration::from_std(retention).unwrap_or(chrono::Duration::MAX);
-    let (updated, metrics) = table
-        .clone()
-        .vacuum()
-        .with_retention_period(retention)
-        .with_enforce_retention_duration(false)
-        .with_mode(if orphans {
-            VacuumMode::Full
+    let now = chrono::Utc::now().timestamp_millis();
+    let removed_before = now - retention.as_millis() as i64;
+    let orphan_before = now - orphan_age.as_millis() as i64;
+    let state = table.snapshot().map_err(delta)?;
+    let normal = |p: &str| {
+        Path::from_url_path(p)
+            .unwrap_or_else(|_| Path::from(p))
+            .to_string()
+    };
+    let active: std::collections::HashSet<String> = active(tref, table)
+        .await?
+        .iter()
+        .map(|f| normal(&f.path))
+        .collect();
+    // Removed within the retention: time travel still reads them.
+    let mut recent = std::collections::HashSet::new();
+    let mut expired = std::collections::HashSet::new();
+    let mut tombstones = state.all_tombstones(table.log_store().as_ref());
+    while let Some(t) = tombstones.next().await {
+        let t = t.map_err(delta)?;
+        let path = normal(&t.path());
+        if t.deletion_timestamp().unwrap_or(now) > removed_before {
+            recent.insert(path);
         } else {
-            VacuumMode::Lite
-        })
-        .with_commit_properties(maintenance_properties("vacuum"))
+            expired.insert(path);
+        }
+    }
+    let store = table.log_store().object_store(None);
+    let mut doomed = Vec::new();
+    let mut listing = store.list(None);
+    while let Some(meta) = listing.next().await {
+        let meta = meta?;
+        let p = meta.location.to_string();
+        if p.starts_with('_') || p.starts_with('.') || p.contains("/_") || p.contains("/.") {
+            continue;
+        }
+        if active.contains(&p) || recent.contains(&p) {
+            continue;
+        }
+        if expired.contains(&p) || meta.last_modified.timestamp_millis() <= orphan_before {
+            doomed.push(meta.location);
+        }
+    }
+    let mut files_deleted = 0;
+    for chunk in doomed.chunks(256) {
+        let deleted: Vec<_> = store
+            .delete_stream(futures::stream::iter(chunk.to_vec().into_iter().map(Ok)).boxed())
+            .collect()
+            .await;
+        for d in deleted {
+            match d {
+                Ok(_) | Err(object_store::Error::NotFound { .. }) => files_deleted += 1,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        medallion_runtime::failpoint::hit("lake.vacuum.between_deletes");
+    }
+    let record = serde_json::json!({"at_ms": now, "version": table.version(), "files_deleted": files_deleted});
+    store
+        .put(
+            &Path::from(LAST_VACUUM),
+            object_store::PutPayload::from(record.to_string().into_bytes()),
+        )
+        .await?;
+    debug!(table = %tref, files = files_deleted, "vacuumed");
+    Ok(Vacuumed { files_deleted })
+}
+
+/// When the table was last vacuumed (ms), from [`LAST_VACUUM`].
+pub async fn last_vacuum(table: &DeltaTable) -> Option<i64> {
+    let store = table.log_store().object_store(None);
+    let bytes = store
+        .get(&Path::from(LAST_VACUUM))
         .await
-        .map_err(delta)?;
-    *table = updated;
-    debug!(table = %tref, files = metrics.files_deleted.len(), "vacuumed");
-    Ok(Vacuumed {
-        files_deleted: metrics.files_deleted.len(),
-    })
+        .ok()?
+        .bytes()
+        .await
+        .ok()?;
+    serde_json::from_slice::<serde_json::Value>(&bytes)
+        .ok()?
+        .get("at_ms")?
+        .as_i64()
 }
 
 /// Files, sizes, log length and unreferenced bytes of a table.
@@ -464,7 +547,6 @@ pub struct RecentCommits {
     /// does not make stale data fresh.
     pub last_data: Option<(i64, Option<i64>)>,
     pub last_compaction_ms: Option<i64>,
-    pub last_vacuum_ms: Option<i64>,
 }
 
 /// Walks back at most `max_back` log entries from the table's version.
@@ -496,23 +578,16 @@ pub async fn recent_commits(
                         .get(MAINTENANCE_KEY)
                         .and_then(|j| j.as_str())
                         .map(str::to_string);
-                    if ci.operation.as_deref() == Some("VACUUM END") {
-                        job = Some("vacuum".into());
-                    }
                 }
                 _ => {}
             }
         }
         match job.as_deref() {
             Some("compact") if out.last_compaction_ms.is_none() => out.last_compaction_ms = at,
-            Some("vacuum") if out.last_vacuum_ms.is_none() => out.last_vacuum_ms = at,
             None if data && out.last_data.is_none() => out.last_data = Some((v, at)),
             _ => {}
         }
-        if out.last_data.is_some()
-            && out.last_compaction_ms.is_some()
-            && out.last_vacuum_ms.is_some()
-        {
+        if out.last_data.is_some() && out.last_compaction_ms.is_some() {
             break;
         }
         v -= 1;

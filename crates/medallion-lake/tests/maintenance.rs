@@ -176,9 +176,14 @@ async fn small_commits_are_merged_and_time_travel_holds_until_vacuum() {
         rows_read_by_python_deltalake_at(&path, Some(old_version)).unwrap(),
         old_rows.len()
     );
-    let v = maintenance::vacuum(&t, &mut table, Duration::from_secs(3600), true)
-        .await
-        .unwrap();
+    let v = maintenance::vacuum(
+        &t,
+        &table,
+        Duration::from_secs(3600),
+        Duration::from_secs(3600),
+    )
+    .await
+    .unwrap();
     assert_eq!(v.files_deleted, 0, "nothing is older than the retention");
     let h = maintenance::health(&t, &table, &COMPACTION).await.unwrap();
     assert!(
@@ -195,11 +200,15 @@ async fn small_commits_are_merged_and_time_travel_holds_until_vacuum() {
     std::fs::copy(path.join(&after[0].path), &orphan).unwrap();
 
     tokio::time::sleep(Duration::from_millis(1100)).await;
-    let v = maintenance::vacuum(&t, &mut table, Duration::from_secs(1), true)
+    let v = maintenance::vacuum(&t, &table, Duration::from_secs(1), Duration::from_secs(1))
         .await
         .unwrap();
     assert!(v.files_deleted >= 65, "{v:?}");
     assert!(keep.exists(), "vacuum deleted the stage's own state");
+    assert!(
+        maintenance::last_vacuum(&table).await.is_some(),
+        "the run is recorded"
+    );
     assert!(!orphan.exists(), "the crash's leftover is still there");
     let h = maintenance::health(&t, &table, &COMPACTION).await.unwrap();
     assert_eq!(h.unreferenced_files, 0, "{h:?}");

@@ -285,19 +285,17 @@ impl Maintainer {
         self.observe("cycle", started);
     }
 
-    /// Files removed longer ago than the time-travel retention, then files
-    /// no version references once they are older than the orphan age too
-    /// (younger ones may be a commit in flight).
+    /// Files removed longer ago than the time-travel retention, and files no
+    /// version references once older than the orphan age too (younger ones
+    /// may be a commit in flight).
     async fn vacuum(&mut self, tref: &TableRef, table: &mut deltalake::DeltaTable, tt: Duration) {
         let name = tref.to_string();
         let started = Instant::now();
-        let mut deleted = 0;
-        for (retention, orphans) in [(tt, false), (tt.max(self.settings.orphan_age), true)] {
-            match jobs::vacuum(tref, table, retention, orphans).await {
-                Ok(v) => deleted += v.files_deleted,
-                Err(e) => return self.failed(&name, "vacuum", &e),
-            }
-        }
+        let orphans = tt.max(self.settings.orphan_age);
+        let deleted = match jobs::vacuum(tref, table, tt, orphans).await {
+            Ok(v) => v.files_deleted,
+            Err(e) => return self.failed(&name, "vacuum", &e),
+        };
         self.last_vacuum.insert(tref.clone(), Instant::now());
         self.observe("vacuum", started);
         self.metrics
@@ -309,7 +307,7 @@ impl Maintainer {
                 .vacuumed_files
                 .with_label_values(&[&name])
                 .inc_by(deleted as u64);
-            info!(stage = self.stage, table = %name, files = deleted, "table vacuumed");
+            info!(stage = self.stage, table = %name, files = deleted, ms = started.elapsed().as_millis() as u64, "table vacuumed");
         }
     }
 

@@ -288,7 +288,7 @@ async fn table_summary(
                 "unreferenced_files": h.unreferenced_files,
                 "unreferenced_bytes": h.unreferenced_bytes,
                 "last_compaction": rfc(recent.last_compaction_ms),
-                "last_vacuum": rfc(recent.last_vacuum_ms),
+                "last_vacuum": rfc(maintenance::last_vacuum(&table).await),
             });
         }
     }
