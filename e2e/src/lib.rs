@@ -365,3 +365,26 @@ pub async fn gold_payments(lake: &Path) -> i64 {
 pub fn row_count(b: &[arrow::array::RecordBatch]) -> usize {
     b.iter().map(|b| b.num_rows()).sum()
 }
+
+/// Publishes until JetStream stores the message (a stage being killed or the
+/// server restarting only delays it), retrying every 100 ms.
+pub async fn publish_until_stored(
+    js: &async_nats::jetstream::Context,
+    subject: &str,
+    headers: async_nats::HeaderMap,
+    body: Vec<u8>,
+) {
+    loop {
+        let stored = match js
+            .publish_with_headers(subject.to_string(), headers.clone(), body.clone().into())
+            .await
+        {
+            Ok(ack) => ack.await.is_ok(),
+            Err(_) => false,
+        };
+        if stored {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}

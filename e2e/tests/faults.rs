@@ -102,23 +102,13 @@ fn produce(url: String) -> tokio::task::JoinHandle<()> {
                 if pass == 0 || m < messages / 2 {
                     h.insert("Nats-Msg-Id", format!("msg-{m}").as_str());
                 }
-                loop {
-                    let stored = match js
-                        .publish_with_headers(
-                            "medallion.ingest.finance.payments",
-                            h.clone(),
-                            message(m).into(),
-                        )
-                        .await
-                    {
-                        Ok(ack) => ack.await.is_ok(),
-                        Err(_) => false,
-                    };
-                    if stored {
-                        break;
-                    }
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
+                medallion_e2e::publish_until_stored(
+                    &js,
+                    "medallion.ingest.finance.payments",
+                    h,
+                    message(m),
+                )
+                .await;
                 if m % 50 == 0 {
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }

@@ -111,23 +111,13 @@ async fn tables_stay_small_and_exact_under_crashes_in_maintenance() {
         for m in 0..MESSAGES {
             let mut h = async_nats::HeaderMap::new();
             h.insert("Nats-Msg-Id", format!("m{m}").as_str());
-            loop {
-                let ok = match js
-                    .publish_with_headers(
-                        "medallion.ingest.finance.payments",
-                        h.clone(),
-                        payments_message("e", m * PER_MESSAGE, PER_MESSAGE).into(),
-                    )
-                    .await
-                {
-                    Ok(ack) => ack.await.is_ok(),
-                    Err(_) => false,
-                };
-                if ok {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
+            medallion_e2e::publish_until_stored(
+                &js,
+                "medallion.ingest.finance.payments",
+                h,
+                payments_message("e", m * PER_MESSAGE, PER_MESSAGE),
+            )
+            .await;
             // A steady trickle: ~150 messages a second, one small commit each batch.
             if m % 15 == 0 {
                 tokio::time::sleep(Duration::from_millis(100)).await;
