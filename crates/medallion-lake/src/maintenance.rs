@@ -298,35 +298,52 @@ pub async fn compact(
 
 /// Sets the properties that differ from `wanted`, in one metadata commit.
 /// Returns whether a commit was made.
+///
+/// delta-rs counts every file as read by a metadata commit, so any commit
+/// that removes files in between (Gold merges, several a second) refuses
+/// it: it is retried from a fresh snapshot, which leaves a window of
+/// milliseconds.
 pub async fn ensure_properties(
     tref: &TableRef,
     table: &mut DeltaTable,
     wanted: &Properties,
 ) -> Result<bool, LakeError> {
     let delta = |e| LakeError::delta(tref, e);
-    let current = table
-        .snapshot()
-        .map_err(delta)?
-        .metadata()
-        .configuration()
-        .clone();
-    let changes: HashMap<String, String> = wanted
-        .wanted()
-        .into_iter()
-        .filter(|(k, v)| current.get(k) != Some(v))
-        .collect();
-    if changes.is_empty() {
-        return Ok(false);
+    let mut attempt = 0;
+    loop {
+        let current = table
+            .snapshot()
+            .map_err(delta)?
+            .metadata()
+            .configuration()
+            .clone();
+        let changes: HashMap<String, String> = wanted
+            .wanted()
+            .into_iter()
+            .filter(|(k, v)| current.get(k) != Some(v))
+            .collect();
+        if changes.is_empty() {
+            return Ok(false);
+        }
+        match table
+            .clone()
+            .set_tbl_properties()
+            .with_properties(changes)
+            .with_commit_properties(maintenance_properties("properties"))
+            .await
+        {
+            Ok(updated) => {
+                *table = updated;
+                return Ok(true);
+            }
+            Err(e) if attempt >= 8 => return Err(delta(e)),
+            Err(_) => {
+                attempt += 1;
+                tokio::time::sleep(Duration::from_millis(20 * attempt)).await;
+                table.update_state().await.map_err(delta)?;
+            }
+        }
     }
-    let updated = table
-        .clone()
-        .set_tbl_properties()
-        .with_properties(changes)
-        .with_commit_properties(maintenance_properties("properties"))
-        .await
-        .map_err(delta)?;
-    *table = updated;
-    Ok(true)
 }
 
 /// Removes whole files whose every row has `column` before `cutoff`

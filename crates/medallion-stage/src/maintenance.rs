@@ -217,7 +217,8 @@ impl Maintainer {
                 info!(stage = self.stage, table = %name, checkpoint_interval = properties.checkpoint_interval, time_travel_s = time_travel.as_secs(), append_only = ?properties.append_only, "table properties set")
             }
             Ok(false) => {}
-            Err(e) => return self.failed(&name, "properties", &e),
+            // The other jobs do not need the properties: they go on.
+            Err(e) => self.failed(&name, "properties", &e),
         }
         if let Some(age) = t.expire_after {
             let cutoff = chrono::Utc::now()
