@@ -24,18 +24,28 @@ pub const ATTEMPTS_BUCKET: &str = "medallion_attempts";
 /// Opens a KV bucket, creating it on first use. Servers in a fresh cluster
 /// may not have elected a leader yet, hence the retries.
 pub async fn open_bucket(js: &jetstream::Context, config: kv::Config) -> Result<kv::Store, String> {
-    let mut last = None;
-    for attempt in 0..20 {
-        match js.get_key_value(&config.bucket).await {
+    // As long as stream declarations wait (a cluster electing its meta
+    // leader or learning its peers refuses or times out for a while):
+    // twenty quick tries were not always enough for R3 buckets.
+    let started = std::time::Instant::now();
+    let mut attempt: u64 = 0;
+    loop {
+        let error = match js.get_key_value(&config.bucket).await {
             Ok(kv) => return Ok(kv),
             Err(_) => match js.create_key_value(config.clone()).await {
                 Ok(kv) => return Ok(kv),
-                Err(e) => last = Some(e.to_string()),
+                Err(e) => e.to_string(),
             },
+        };
+        attempt += 1;
+        if started.elapsed() >= crate::streams::CLUSTER_WAIT {
+            return Err(error);
         }
-        tokio::time::sleep(Duration::from_millis(100 * (attempt + 1).min(10))).await;
+        if attempt % 10 == 0 {
+            tracing::warn!(bucket = %config.bucket, %error, attempt, "JetStream cannot place the bucket yet; waiting for the cluster");
+        }
+        tokio::time::sleep(Duration::from_millis(100 * attempt.min(10))).await;
     }
-    Err(last.unwrap_or_default())
 }
 
 #[derive(Clone)]

@@ -138,7 +138,7 @@ fn base(s: &StreamSettings) -> Config {
 /// How long a service waits at start for a JetStream cluster that cannot yet
 /// place the streams (a Helm install starts the services and the NATS pods
 /// together; a cluster elects its meta leader and learns its peers first).
-const CLUSTER_WAIT: Duration = Duration::from_secs(120);
+pub(crate) const CLUSTER_WAIT: Duration = Duration::from_secs(120);
 
 async fn ensure(js: &jetstream::Context, config: Config) -> Result<(), BusError> {
     let started = std::time::Instant::now();
