@@ -53,6 +53,8 @@ vars! {
     "MEDALLION_REPLICA_ID", None, "ingest,transform,aggregate", "This replica's name among the stage's replicas (unique per process; the chart uses the pod name). Default: <hostname>-<pid>";
     "MEDALLION_LEASE_TTL", Some("6s"), "ingest,transform,aggregate", "How long a replica's leases on its units outlive its last renewal (renewed every third of it); the same on every replica";
     "MEDALLION_STREAM_REPLICAS", Some("1"), "ingest,transform,aggregate,catalog", "Replicas of every stream and of the registry (3 on a cluster)";
+    "MEDALLION_DEDUPE_MEMORY", Some("268435456"), "transform", "Bytes of memory for one product's dedupe keys (~20-40 bytes each); beyond it they go to sorted runs on local disk that keep ~1.3 bytes per key in memory";
+    "MEDALLION_DEDUPE_DIR", None, "transform", "Local directory for dedupe keys beyond MEDALLION_DEDUPE_MEMORY (a cache of their copies beside Silver; lost files are fetched again). Default: <temp dir>/medallion-keys";
     "MEDALLION_PII_KEY", None, "transform,catalog", "Secret key of the keyed hash of PII columns (required when a product hashes PII)";
     "MEDALLION_JWT_SECRET", None, "catalog,cli", "HS256 secret verifying catalog bearer tokens";
     "MEDALLION_JWT_PUBLIC_KEY", None, "catalog", "RS256 public key (PEM) or JWKS file verifying catalog bearer tokens";

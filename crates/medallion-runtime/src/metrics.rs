@@ -37,6 +37,8 @@ pub struct PipelineMetrics {
     pub errors: IntCounterVec,
     /// Products stopped by a `fail` expectation (1) or running (0).
     pub product_failed: IntGaugeVec,
+    /// Dedupe keys the transform holds per product, `place` = memory or disk.
+    pub dedupe_keys: IntGaugeVec,
     pub events_published: IntCounterVec,
     /// Commits read back from a table because their event was missing or too large.
     pub catch_up_commits: IntCounterVec,
@@ -186,6 +188,12 @@ impl PipelineMetrics {
                 "medallion_product_failed",
                 "1 while a product is stopped by a fail expectation",
                 &["product"],
+            )?,
+            dedupe_keys: gauge(
+                r,
+                "medallion_dedupe_keys",
+                "Dedupe keys the transform holds per product, in memory or in runs on local disk",
+                &["product", "place"],
             )?,
             events_published: counter(
                 r,

@@ -105,6 +105,15 @@ pub(crate) async fn commit(
     };
     state.processed = last;
     state.keys.extend(new_keys);
+    for (place, n) in [
+        ("memory", state.keys.in_memory()),
+        ("disk", state.keys.len() - state.keys.in_memory()),
+    ] {
+        metrics
+            .dedupe_keys
+            .with_label_values(&[&product, place])
+            .set(n as i64);
+    }
     if version == state.keys_at + 1 {
         state.keys_at = version;
     }

@@ -8,6 +8,10 @@ pub struct TransformConfig {
     pub pii_key: Option<Vec<u8>>,
     /// Attempts at a message that crashes the transform before it is dead-lettered.
     pub max_deliver: u32,
+    /// Memory for one product's dedupe keys before they spill to disk.
+    pub dedupe_memory: usize,
+    /// Where spilled dedupe keys go (a cache of their copies beside Silver).
+    pub dedupe_dir: std::path::PathBuf,
 }
 impl TransformConfig {
     pub fn from_env(env: &mut EnvReader) -> Self {
@@ -24,6 +28,10 @@ impl TransformConfig {
             stage: StageSettings::from_env(env, "medallion-transform", "MEDALLION_TRANSFORM_ADDR"),
             pii_key,
             max_deliver: env.usize("MEDALLION_MAX_DELIVER", 1).min(u32::MAX as usize) as u32,
+            dedupe_memory: env.usize("MEDALLION_DEDUPE_MEMORY", 16 << 10),
+            dedupe_dir: env
+                .path("MEDALLION_DEDUPE_DIR")
+                .unwrap_or_else(|| std::env::temp_dir().join("medallion-keys")),
         }
     }
 }

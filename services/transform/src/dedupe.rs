@@ -1,9 +1,15 @@
 //! Cross-batch de-duplication on the product key.
 //!
 //! Each key is kept as a 128-bit hash (xxh3-128 of Arrow's row encoding of the
-//! key columns): 16 bytes per key in a hash set, ~32 bytes with the set's
-//! overhead, so 10 million keys take ~320 MiB. The chance that two different
-//! keys collide is ~n²/2¹²⁹: negligible at any realistic table size.
+//! key columns): 16 bytes per key in a hash set, ~20–40 bytes with the set's
+//! overhead. The chance that two different keys collide is ~n²/2¹²⁹:
+//! negligible at any realistic table size.
+//!
+//! Memory is bounded by `MEDALLION_DEDUPE_MEMORY` per product: once the
+//! in-memory set would outgrow it, its keys are written out as a sorted run
+//! on local disk ([`crate::key_run`]) that keeps ~1.3 bytes per key in
+//! memory, and the set starts empty again. Runs of similar size are merged
+//! four at a time, so a lookup checks a handful of runs' filters.
 //!
 //! A product may bound the set with a horizon (`spec.dedupe.within`, like
 //! Spark's `dropDuplicatesWithinWatermark`): keys are then kept in
@@ -12,24 +18,22 @@
 //! table's size.
 //!
 //! Restart cost: the set is snapshotted into the Silver table directory
-//! (`_medallion/dedupe-<version>.bin`, sorted hashes) every few commits; at
-//! start the newest snapshot is loaded and only the commits after it are read,
-//! so start-up reads O(keys) bytes of snapshot plus a bounded tail of commits,
-//! never the whole table's Parquet files.
+//! every few commits ([`crate::dedupe_snapshot`]: the in-memory keys, plus
+//! each run uploaded once); at start the newest snapshot is loaded and only
+//! the commits after it are read, so start-up reads O(keys) bytes of snapshot
+//! plus a bounded tail of commits, never the whole table's Parquet files.
 
 use std::collections::{HashSet, VecDeque};
 use std::hash::{BuildHasherDefault, Hasher};
 
 use arrow::array::{Array, ArrayRef, RecordBatch, TimestampMicrosecondArray};
 use arrow::row::{RowConverter, SortField};
-use bytes::Bytes;
-use deltalake::{ObjectStore, Path};
-use medallion_lake::LakeError;
 use medallion_spec::INGESTED_AT_COLUMN;
-use object_store::{ObjectStoreExt, PutPayload};
-use xxhash_rust::xxh3::xxh3_128;
+use tracing::{info, warn};
+use xxhash_rust::xxh3::{xxh3_64, xxh3_128};
 
-pub const SNAPSHOT_DIR: &str = "_medallion";
+use crate::key_budget::SpillDir;
+use crate::key_run::KeyRun;
 
 /// Keys are already uniform 128-bit hashes: hashing them again (SipHash, the
 /// std default) cost more than the set lookups themselves, so the set uses
@@ -66,28 +70,75 @@ pub type KeyHashSet = HashSet<u128, BuildHasherDefault<PrehashedKey>>;
 /// than the horizon: a key is remembered at least `within` and at most
 /// 1.25 × `within` after it was committed, and memory is bounded by the
 /// keys of that span.
-#[derive(Default)]
+#[derive(Default, Debug)]
 pub struct KeySet {
-    generations: VecDeque<Generation>,
-    horizon_ms: Option<i64>,
+    pub(crate) generations: VecDeque<Generation>,
+    pub(crate) horizon_ms: Option<i64>,
+    /// Where keys beyond the memory budget go; `None`: all stay in memory.
+    pub(crate) spill: Option<SpillDir>,
 }
 
-struct Generation {
-    started_ms: i64,
+#[derive(Debug)]
+pub(crate) struct Generation {
+    pub started_ms: i64,
     /// When a key was last added (a generation takes keys for a quarter
     /// of the horizon from its start).
-    last_ms: i64,
-    keys: KeyHashSet,
+    pub last_ms: i64,
+    /// Keys in memory.
+    pub keys: KeyHashSet,
+    /// Keys spilled to disk, each run sorted.
+    pub runs: Vec<KeyRun>,
 }
 
-fn now_ms() -> i64 {
+impl Generation {
+    pub(crate) fn new(started_ms: i64, last_ms: i64) -> Generation {
+        Generation {
+            started_ms,
+            last_ms,
+            keys: KeyHashSet::default(),
+            runs: Vec::new(),
+        }
+    }
+
+    fn contains(&self, k: u128) -> bool {
+        self.keys.contains(&k) || self.runs.iter().any(|r| r.contains(k))
+    }
+
+    fn len(&self) -> usize {
+        self.keys.len() + self.runs.iter().map(|r| r.len() as usize).sum::<usize>()
+    }
+}
+
+/// Runs merged at once, and how many of a size wait before a merge.
+const MERGE_FANOUT: usize = 4;
+
+pub(crate) fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0)
 }
 
+/// A name for a new run, unique among every replica's.
+pub(crate) fn new_run_id() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    let host = std::env::var("HOSTNAME").unwrap_or_default();
+    xxh3_64(format!("{host}/{}/{nanos}/{n}", std::process::id()).as_bytes())
+}
+
 impl KeySet {
+    /// Keys beyond `spill.max_hot_keys` go to runs in its directory.
+    pub fn with_spill(mut self, spill: Option<SpillDir>) -> Self {
+        self.spill = spill;
+        self.spill_if_over();
+        self
+    }
+
     /// Applies a dedupe horizon (`None`: keys are kept for ever).
     pub fn with_horizon(mut self, horizon: Option<std::time::Duration>) -> Self {
         self.horizon_ms = horizon.map(|h| h.as_millis().max(1) as i64);
@@ -96,25 +147,36 @@ impl KeySet {
     }
 
     pub fn len(&self) -> usize {
+        self.generations.iter().map(Generation::len).sum()
+    }
+
+    /// Keys held in memory (the rest are in runs on disk).
+    pub fn in_memory(&self) -> usize {
         self.generations.iter().map(|g| g.keys.len()).sum()
     }
 
+    /// Runs on disk.
+    pub fn runs(&self) -> usize {
+        self.generations.iter().map(|g| g.runs.len()).sum()
+    }
+
     pub fn is_empty(&self) -> bool {
-        self.generations.iter().all(|g| g.keys.is_empty())
+        self.len() == 0
     }
 
     pub fn contains(&self, k: u128) -> bool {
-        self.generations.iter().any(|g| g.keys.contains(&k))
+        self.generations.iter().any(|g| g.contains(k))
     }
 
     pub fn extend(&mut self, keys: impl IntoIterator<Item = u128>) {
         self.extend_at(keys, now_ms());
     }
 
-    fn extend_at(&mut self, keys: impl IntoIterator<Item = u128>, now: i64) {
+    pub(crate) fn extend_at(&mut self, keys: impl IntoIterator<Item = u128>, now: i64) {
         let g = self.current(now);
         g.keys.extend(keys);
         g.last_ms = g.last_ms.max(now);
+        self.spill_if_over();
         self.forget_old(now);
     }
 
@@ -130,11 +192,7 @@ impl KeySet {
             (Some(_), None) => false,
         };
         if fresh {
-            self.generations.push_back(Generation {
-                started_ms: now,
-                last_ms: now,
-                keys: KeyHashSet::default(),
-            });
+            self.generations.push_back(Generation::new(now, now));
         }
         self.generations.back_mut().expect("just ensured")
     }
@@ -145,7 +203,7 @@ impl KeySet {
         self.forget_old(now_ms());
     }
 
-    fn forget_old(&mut self, now: i64) {
+    pub(crate) fn forget_old(&mut self, now: i64) {
         let Some(h) = self.horizon_ms else { return };
         while self
             .generations
@@ -154,6 +212,43 @@ impl KeySet {
         {
             self.generations.pop_front();
         }
+    }
+
+    /// Writes the in-memory keys out as runs once they exceed the budget.
+    /// A run that cannot be written leaves its keys in memory: over budget,
+    /// never wrong.
+    fn spill_if_over(&mut self) {
+        let Some(spill) = &self.spill else { return };
+        if self.in_memory() <= spill.max_hot_keys {
+            return;
+        }
+        let started = std::time::Instant::now();
+        let spilled = self.in_memory();
+        for g in &mut self.generations {
+            if g.keys.is_empty() {
+                continue;
+            }
+            let mut sorted: Vec<u128> = g.keys.iter().copied().collect();
+            sorted.sort_unstable();
+            let n = sorted.len();
+            match KeyRun::write(&spill.path, new_run_id(), sorted.into_iter().map(Ok), n) {
+                Ok(run) => {
+                    g.keys = KeyHashSet::default();
+                    g.runs.push(run);
+                    merge_runs(&spill.path, &mut g.runs, spill.max_hot_keys);
+                }
+                Err(e) => {
+                    warn!(dir = %spill.path.display(), error = %e, "dedupe keys cannot be spilled to disk; they stay in memory");
+                    return;
+                }
+            }
+        }
+        info!(
+            keys = spilled,
+            runs = self.runs(),
+            ms = started.elapsed().as_millis() as u64,
+            "dedupe keys spilled to disk"
+        );
     }
 
     /// Adds the keys of Silver rows. With `since_us`, rows ingested before it
@@ -200,127 +295,52 @@ impl KeySet {
         self.extend(recent);
         Ok(())
     }
-
-    fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(8 + self.len() * 16 + self.generations.len() * 20);
-        out.extend_from_slice(b"MDK2");
-        out.extend_from_slice(&(self.generations.len() as u32).to_le_bytes());
-        for g in &self.generations {
-            let mut v: Vec<u128> = g.keys.iter().copied().collect();
-            v.sort_unstable();
-            out.extend_from_slice(&g.started_ms.to_le_bytes());
-            out.extend_from_slice(&g.last_ms.to_le_bytes());
-            out.extend_from_slice(&(v.len() as u32).to_le_bytes());
-            for k in v {
-                out.extend_from_slice(&k.to_le_bytes());
-            }
-        }
-        out
-    }
-
-    fn decode(bytes: &[u8]) -> Option<KeySet> {
-        fn keys(body: &[u8], n: usize) -> Option<(KeyHashSet, &[u8])> {
-            let len = n.checked_mul(16)?;
-            let (k, rest) = (body.get(..len)?, body.get(len..)?);
-            let set = k
-                .chunks_exact(16)
-                .map(|c| u128::from_le_bytes(c.try_into().expect("16 bytes")))
-                .collect();
-            Some((set, rest))
-        }
-        let u32_at = |b: &[u8]| -> Option<usize> {
-            Some(u32::from_le_bytes(b.get(..4)?.try_into().ok()?) as usize)
-        };
-        let mut generations = VecDeque::new();
-        if let Some(body) = bytes.strip_prefix(b"MDK1") {
-            // One generation: written before horizons existed.
-            let (set, rest) = keys(body.get(4..)?, u32_at(body)?)?;
-            if !rest.is_empty() {
-                return None;
-            }
-            // Kept for the horizon from now: when they were added is unknown.
-            generations.push_back(Generation {
-                started_ms: now_ms(),
-                last_ms: now_ms(),
-                keys: set,
-            });
-        } else {
-            let body = bytes.strip_prefix(b"MDK2")?;
-            let n = u32_at(body)?;
-            let mut rest = body.get(4..)?;
-            for _ in 0..n {
-                let started_ms = i64::from_le_bytes(rest.get(..8)?.try_into().ok()?);
-                let last_ms = i64::from_le_bytes(rest.get(8..16)?.try_into().ok()?);
-                let count = u32_at(rest.get(16..)?)?;
-                let (set, after) = keys(rest.get(20..)?, count)?;
-                generations.push_back(Generation {
-                    started_ms,
-                    last_ms,
-                    keys: set,
-                });
-                rest = after;
-            }
-            if !rest.is_empty() {
-                return None;
-            }
-        }
-        Some(KeySet {
-            generations,
-            horizon_ms: None,
-        })
-    }
-
-    /// Writes the set as of Silver `version` (atomically: object stores put whole objects).
-    pub async fn save(&self, store: &dyn ObjectStore, version: i64) -> Result<(), LakeError> {
-        let path = Path::from(format!("{SNAPSHOT_DIR}/dedupe-{version:020}.bin"));
-        store
-            .put(&path, PutPayload::from(Bytes::from(self.encode())))
-            .await?;
-        // Older snapshots are no longer needed.
-        for (v, p) in list_snapshots(store).await? {
-            if v < version {
-                let _ = store.delete(&p).await;
-            }
-        }
-        Ok(())
-    }
-
-    /// The newest readable snapshot at or below `max_version`.
-    pub async fn load(
-        store: &dyn ObjectStore,
-        max_version: i64,
-    ) -> Result<Option<(i64, KeySet)>, LakeError> {
-        let mut snaps = list_snapshots(store).await?;
-        snaps.sort_by_key(|(v, _)| std::cmp::Reverse(*v));
-        for (v, p) in snaps {
-            if v > max_version {
-                continue;
-            }
-            let bytes = store.get(&p).await?.bytes().await?;
-            if let Some(set) = KeySet::decode(&bytes) {
-                return Ok(Some((v, set)));
-            }
-        }
-        Ok(None)
-    }
 }
 
-async fn list_snapshots(store: &dyn ObjectStore) -> Result<Vec<(i64, Path)>, LakeError> {
-    use futures::TryStreamExt;
-    let prefix = Path::from(SNAPSHOT_DIR);
-    let metas: Vec<_> = store.list(Some(&prefix)).try_collect().await?;
-    Ok(metas
-        .into_iter()
-        .filter_map(|m| {
-            let name = m.location.filename()?.to_string();
-            let v = name
-                .strip_prefix("dedupe-")?
-                .strip_suffix(".bin")?
-                .parse()
-                .ok()?;
-            Some((v, m.location))
-        })
-        .collect())
+/// Size tier of a run: runs within a factor [`MERGE_FANOUT`] of each other
+/// share one, so a key is rewritten about log₄(keys / budget) times.
+fn tier(len: u64, base: usize) -> u32 {
+    let mut t = 0;
+    let mut bound = base.max(1) as u64;
+    while len > bound {
+        bound = bound.saturating_mul(MERGE_FANOUT as u64);
+        t += 1;
+    }
+    t
+}
+
+/// Merges [`MERGE_FANOUT`] runs of one tier into one until no tier has that many.
+fn merge_runs(dir: &std::path::Path, runs: &mut Vec<KeyRun>, base: usize) {
+    loop {
+        let mut by_tier: std::collections::BTreeMap<u32, Vec<usize>> = Default::default();
+        for (i, r) in runs.iter().enumerate() {
+            by_tier.entry(tier(r.len(), base)).or_default().push(i);
+        }
+        let Some(group) = by_tier.into_values().find(|g| g.len() >= MERGE_FANOUT) else {
+            return;
+        };
+        let started = std::time::Instant::now();
+        let mut picked = Vec::with_capacity(group.len());
+        for i in group.into_iter().rev() {
+            picked.push(runs.swap_remove(i));
+        }
+        match KeyRun::merge(dir, new_run_id(), &picked) {
+            Ok(merged) => {
+                info!(
+                    runs = picked.len(),
+                    keys = merged.len(),
+                    ms = started.elapsed().as_millis() as u64,
+                    "dedupe key runs merged"
+                );
+                runs.push(merged);
+            }
+            Err(e) => {
+                warn!(dir = %dir.display(), error = %e, "dedupe key runs not merged; lookups check each of them");
+                runs.extend(picked);
+                return;
+            }
+        }
+    }
 }
 
 /// One 128-bit hash per row of the key columns.
@@ -341,64 +361,36 @@ mod tests {
     use proptest::prelude::*;
 
     proptest! {
+        /// However keys arrive and spill, the set answers as a plain set of
+        /// every key added.
         #[test]
-        fn snapshot_round_trips(keys in proptest::collection::hash_set(any::<u128>(), 0..500)) {
-            let mut set = KeySet::default();
-            set.extend(keys.iter().copied());
-            let back = KeySet::decode(&set.encode()).unwrap();
-            prop_assert_eq!(back.len(), keys.len());
-            prop_assert!(keys.iter().all(|k| back.contains(*k)));
-        }
-    }
-
-    proptest! {
-        /// With a horizon, a key is remembered at least that long and
-        /// forgotten within 1.25 times it; generations survive a snapshot.
-        #[test]
-        fn a_horizon_forgets_keys_between_one_and_five_quarters_of_it(
-            steps in proptest::collection::vec((0i64..400, 0u128..50), 1..200),
+        fn a_spilling_set_answers_as_a_plain_set(
+            batches in proptest::collection::vec(proptest::collection::vec(0u128..5_000, 0..400), 1..30),
+            budget in 1usize..600,
         ) {
-            let h = 1_000i64;
-            let mut set = KeySet::default().with_horizon(Some(std::time::Duration::from_millis(h as u64)));
-            let mut now = 1_000_000i64;
-            let mut last_added: std::collections::HashMap<u128, i64> = Default::default();
-            for (dt, k) in steps {
-                now += dt;
-                set.forget_old(now);
-                for (key, at) in &last_added {
-                    let age = now - at;
-                    if age < h {
-                        prop_assert!(set.contains(*key), "key {key} forgotten after {age} ms");
-                    }
-                    if age > h + h / 4 {
-                        prop_assert!(!set.contains(*key), "key {key} kept after {age} ms");
-                    }
-                }
-                set.extend_at([k], now);
-                last_added.insert(k, now);
-                if k % 7 == 0 {
-                    set = KeySet::decode(&set.encode()).unwrap();
-                    set.horizon_ms = Some(h);
-                }
+            let dir = tempfile::tempdir().unwrap();
+            let spill = SpillDir::at(dir.path().join("p"), budget).unwrap();
+            let mut set = KeySet::default().with_spill(Some(spill));
+            let mut model = std::collections::HashSet::new();
+            for b in batches {
+                let fresh: Vec<u128> = b.into_iter().filter(|k| !set.contains(*k)).collect();
+                set.extend(fresh.iter().copied());
+                model.extend(fresh);
+                prop_assert!(set.in_memory() <= budget);
+                prop_assert_eq!(set.len(), model.len());
+            }
+            for k in 0..5_200u128 {
+                prop_assert_eq!(set.contains(k), model.contains(&k), "key {}", k);
             }
         }
     }
 
     #[test]
-    fn a_snapshot_of_the_first_format_is_read() {
-        let mut v1 = b"MDK1".to_vec();
-        v1.extend_from_slice(&2u32.to_le_bytes());
-        v1.extend_from_slice(&5u128.to_le_bytes());
-        v1.extend_from_slice(&9u128.to_le_bytes());
-        let set = KeySet::decode(&v1).unwrap();
-        assert!(set.contains(5) && set.contains(9) && set.len() == 2);
-    }
-
-    #[test]
-    fn truncated_snapshot_is_refused() {
-        let mut set = KeySet::default();
-        set.extend([1, 2, 3]);
-        let bytes = set.encode();
-        assert!(KeySet::decode(&bytes[..bytes.len() - 1]).is_none());
+    fn runs_merge_by_size_tier() {
+        assert_eq!((tier(0, 100), tier(100, 100), tier(101, 100)), (0, 0, 1));
+        assert_eq!(
+            (tier(400, 100), tier(401, 100), tier(1_601, 100)),
+            (1, 2, 3)
+        );
     }
 }

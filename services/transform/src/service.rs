@@ -3,6 +3,8 @@
 
 use std::sync::Arc;
 
+use anyhow::Context;
+
 use async_nats::jetstream;
 use medallion_bus::streams::BRONZE_STREAM;
 use medallion_bus::{Commit, Operation, publish_commit};
@@ -39,7 +41,15 @@ pub async fn run(config: TransformConfig, rt: Runtime) -> anyhow::Result<()> {
     if crash_exe.is_none() {
         warn!("the medallion-transform binary was not found: no crash checks in child processes");
     }
+    let key_budget = crate::key_budget::KeyBudget::prepare(&config.dedupe_dir, config.dedupe_memory)
+        .with_context(|| {
+            format!(
+                "MEDALLION_DEDUPE_DIR: cannot use {} for dedupe keys beyond the memory budget; point it at a writable directory",
+                config.dedupe_dir.display()
+            )
+        })?;
     let stage = Transform {
+        key_budget,
         lake: lake.clone(),
         js: js.clone(),
         max_payload: medallion_bus::max_payload(&client),
@@ -65,6 +75,8 @@ pub async fn run(config: TransformConfig, rt: Runtime) -> anyhow::Result<()> {
 }
 
 struct Transform {
+    /// Where each product's dedupe keys beyond its memory budget go.
+    key_budget: crate::key_budget::KeyBudget,
     lake: Lake,
     js: jetstream::Context,
     max_payload: usize,
@@ -108,7 +120,7 @@ impl Stage for Transform {
     }
 
     async fn open(&mut self, contract: Arc<Contract>) -> Result<ProductState, String> {
-        open_state(&self.lake, contract).await
+        open_state(&self.lake, contract, &self.key_budget).await
     }
 
     fn wants(&self, p: &ProductState, version: i64) -> bool {

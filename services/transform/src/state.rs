@@ -12,6 +12,7 @@ use tracing::{info, warn};
 
 use crate::APP_ID;
 use crate::dedupe::KeySet;
+use crate::key_budget::KeyBudget;
 use crate::step::Step;
 
 pub(crate) const LAYER: &str = "silver";
@@ -148,6 +149,7 @@ pub(crate) fn position(txn: Option<i64>) -> (i64, i64) {
 pub(crate) async fn open_state(
     lake: &Lake,
     contract: Arc<Contract>,
+    budget: &KeyBudget,
 ) -> Result<ProductState, String> {
     let (d, p) = (contract.domain().to_string(), contract.name().to_string());
     let silver_ref = TableRef::silver(&d, &p);
@@ -192,7 +194,14 @@ pub(crate) async fn open_state(
     .await
     .map_err(|e| e.to_string())?;
     let (processed, generation) = position(silver.txn_version());
-    let keys = load_keys(&silver, contract.key(), contract.dedupe_within).await?;
+    let keys = load_keys(
+        &silver,
+        contract.key(),
+        contract.dedupe_within,
+        budget,
+        &pid(&contract),
+    )
+    .await?;
     Ok(ProductState {
         keys_at: silver.version(),
         contract,
@@ -215,6 +224,8 @@ async fn load_keys(
     silver: &TableWriter,
     key: &[String],
     horizon: Option<std::time::Duration>,
+    budget: &KeyBudget,
+    product: &str,
 ) -> Result<KeySet, String> {
     if key.is_empty() {
         return Ok(KeySet::default());
@@ -222,7 +233,8 @@ async fn load_keys(
     let current = silver.version();
     let store = silver.table().log_store().object_store(None);
     let started = Instant::now();
-    let snapshot = KeySet::load(store.as_ref(), current)
+    let spill = || budget.product_dir(product).map(Some);
+    let snapshot = KeySet::load(store.as_ref(), current, spill)
         .await
         .map_err(|e| e.to_string())?;
     let (keys, from) = match snapshot {
@@ -230,12 +242,12 @@ async fn load_keys(
             Ok(keys) => (keys, v + 1),
             Err(e) => {
                 warn!(table = %silver.table_ref(), error = %e, "dedupe snapshot cannot be brought up to date; reading the keys of the current files");
-                (scan_keys(silver, key, horizon).await?, -1)
+                (scan_keys(silver, key, horizon, spill).await?, -1)
             }
         },
-        None => (scan_keys(silver, key, horizon).await?, -1),
+        None => (scan_keys(silver, key, horizon, spill).await?, -1),
     };
-    info!(table = %silver.table_ref(), keys = keys.len(), from_version = from, to_version = current, ms = started.elapsed().as_millis() as u64, "dedupe state loaded");
+    info!(table = %silver.table_ref(), keys = keys.len(), in_memory = keys.in_memory(), runs = keys.runs(), from_version = from, to_version = current, ms = started.elapsed().as_millis() as u64, "dedupe state loaded");
     Ok(keys)
 }
 
@@ -267,9 +279,11 @@ async fn scan_keys(
     silver: &TableWriter,
     key: &[String],
     horizon: Option<std::time::Duration>,
+    spill: impl FnOnce() -> std::io::Result<Option<crate::key_budget::SpillDir>>,
 ) -> Result<KeySet, String> {
     let store = silver.table().log_store().object_store(None);
-    let mut keys = KeySet::default().with_horizon(horizon);
+    let spill = spill().map_err(|e| format!("dedupe key directory: {e}"))?;
+    let mut keys = KeySet::default().with_spill(spill).with_horizon(horizon);
     let since = horizon.map(|h| now_us() - h.as_micros() as i64);
     let mut columns = key.to_vec();
     if since.is_some() {

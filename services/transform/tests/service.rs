@@ -512,3 +512,106 @@ async fn keys_are_forgotten_after_the_dedupe_horizon() {
     handle.await.unwrap().unwrap();
     ingest.shutdown.cancel();
 }
+
+/// Keys beyond the memory budget spill to runs on local disk; a restart on
+/// an empty local directory (another pod) fetches them from beside Silver
+/// and still drops every duplicate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_beyond_the_memory_budget_spill_to_disk_and_survive_a_move() {
+    init_logs();
+    let nats = NatsServer::start();
+    let lake_dir = tempfile::tempdir().unwrap();
+    let products = tempfile::tempdir().unwrap();
+    let keys_a = tempfile::tempdir().unwrap();
+    let keys_b = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        concat!(env!("CARGO_MANIFEST_DIR"), "/../../products/payments.yaml"),
+        products.path().join("payments.yaml"),
+    )
+    .unwrap();
+    let lake = Lake::from_location(&lake_dir.path().display().to_string()).unwrap();
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let js = jetstream::new(client.clone());
+    medallion_bus::ensure_streams(&js, &Default::default())
+        .await
+        .unwrap();
+    let v = |addr, keys: &Path| {
+        let mut v = vars(&nats, lake_dir.path(), products.path(), addr);
+        // The smallest budget: 896 keys in memory.
+        v.insert("MEDALLION_DEDUPE_MEMORY".into(), "16384".into());
+        v.insert("MEDALLION_DEDUPE_DIR".into(), keys.display().to_string());
+        v
+    };
+    let ingest = start_ingest(v("MEDALLION_INGEST_ADDR", keys_a.path()));
+    let (transform, handle) = start_transform(v("MEDALLION_TRANSFORM_ADDR", keys_a.path()));
+    let silver = TableRef::silver("finance", "payments");
+    let message = |ids: std::ops::Range<usize>| {
+        ids.map(|i| payment(&format!("k{i}"), 1.0, "EUR", "FR"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    // One commit per message: a run every second commit, merged four at a time.
+    for m in 0..10 {
+        publish(&js, message(m * 500..(m + 1) * 500)).await;
+        eventually(
+            Duration::from_secs(120),
+            "the message in silver",
+            || async { count(&rows(&lake, &silver).await) == (m + 1) * 500 },
+        )
+        .await;
+    }
+    let runs_on_disk = || {
+        walk(keys_a.path())
+            .into_iter()
+            .filter(|p| p.extension().is_some_and(|e| e == "run"))
+            .count()
+    };
+    assert!(runs_on_disk() > 0, "no key run spilled");
+    transform.shutdown.cancel();
+    handle.await.unwrap().unwrap();
+    // The process's directory goes with it; the runs stay beside Silver.
+    assert_eq!(runs_on_disk(), 0);
+    let beside = walk(
+        &lake_dir
+            .path()
+            .join("silver/finance/payments/_medallion/keys"),
+    );
+    assert!(!beside.is_empty(), "no key run uploaded");
+
+    let (transform, handle) = start_transform(v("MEDALLION_TRANSFORM_ADDR", keys_b.path()));
+    // Every 10th old key (spread over every run) and 500 new ones.
+    let old: Vec<String> = (0..5_000)
+        .step_by(10)
+        .map(|i| payment(&format!("k{i}"), 2.0, "EUR", "FR"))
+        .collect();
+    publish(
+        &js,
+        format!("{}\n{}", old.join("\n"), message(5_000..5_500)),
+    )
+    .await;
+    eventually(Duration::from_secs(120), "5500 rows in silver", || async {
+        count(&rows(&lake, &silver).await) >= 5_500
+    })
+    .await;
+    // Given time to (wrongly) land a duplicate.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let ids = strings(&rows(&lake, &silver).await, "event_id");
+    let distinct: HashSet<&String> = ids.iter().collect();
+    assert_eq!((ids.len(), distinct.len()), (5_500, 5_500));
+    transform.shutdown.cancel();
+    handle.await.unwrap().unwrap();
+    ingest.shutdown.cancel();
+}
+
+fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
