@@ -388,3 +388,26 @@ pub async fn publish_until_stored(
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
 }
+
+/// The values of a string column, failing on the first one seen twice (a
+/// row that landed twice).
+pub fn unique_values(
+    batches: &[arrow::array::RecordBatch],
+    column: &str,
+) -> std::collections::HashSet<String> {
+    use arrow::array::{Array, AsArray};
+    let mut seen = std::collections::HashSet::new();
+    for b in batches {
+        let col = b
+            .column(b.schema().index_of(column).expect("column exists"))
+            .as_string::<i32>();
+        for i in 0..col.len() {
+            assert!(
+                seen.insert(col.value(i).to_string()),
+                "duplicate {} in {column}",
+                col.value(i)
+            );
+        }
+    }
+    seen
+}

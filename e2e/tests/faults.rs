@@ -8,10 +8,10 @@
 //! holds each event once (dedupe on `event_id`); Gold equals the aggregate
 //! of the input.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::time::Duration;
 
-use arrow::array::{Array, AsArray};
+use arrow::array::AsArray;
 use arrow::datatypes::Int64Type;
 use medallion_e2e::{Service, pipeline_vars, stop_all};
 use medallion_testkit::{NatsServer, free_port};
@@ -376,19 +376,7 @@ async fn check_exact(lake: &std::path::Path, services: &[Service]) {
         "bronze: every message once (re-sends with an id deduplicated, without an id kept)"
     );
     let silver = table(lake, "silver", "payments").await;
-    let mut ids = HashSet::new();
-    for b in &silver {
-        let col = b
-            .column(b.schema().index_of("event_id").unwrap())
-            .as_string::<i32>();
-        for i in 0..col.len() {
-            assert!(
-                ids.insert(col.value(i).to_string()),
-                "duplicate {} in silver",
-                col.value(i)
-            );
-        }
-    }
+    let ids = medallion_e2e::unique_values(&silver, "event_id");
     assert_eq!(ids.len(), events(), "silver: each event exactly once");
     assert_eq!(
         rows(&table(lake, "silver", "payments__quarantine").await),

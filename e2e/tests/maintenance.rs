@@ -11,11 +11,10 @@
 //! checkpoints written and old log entries removed; another Delta reader
 //! (Python `deltalake`) reads every layer.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use arrow::array::{Array, AsArray};
 use medallion_e2e::{
     Service, gold_payments, payments_message, pipeline_vars, read_table, row_count, stop_all,
 };
@@ -191,19 +190,7 @@ async fn tables_stay_small_and_exact_under_crashes_in_maintenance() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let silver = read_table(lake.path(), "silver.finance.payments").await;
-    let mut ids = HashSet::new();
-    for b in &silver {
-        let col = b
-            .column(b.schema().index_of("event_id").unwrap())
-            .as_string::<i32>();
-        for i in 0..col.len() {
-            assert!(
-                ids.insert(col.value(i).to_string()),
-                "duplicate {} in silver",
-                col.value(i)
-            );
-        }
-    }
+    let ids = medallion_e2e::unique_values(&silver, "event_id");
     assert_eq!(ids.len(), events, "silver: each event exactly once");
     assert_eq!(
         row_count(&read_table(lake.path(), "bronze.finance.payments").await),

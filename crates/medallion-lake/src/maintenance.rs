@@ -192,19 +192,22 @@ fn maintenance_properties(job: &str) -> CommitProperties {
     CommitProperties::default().with_metadata([(MAINTENANCE_KEY.to_string(), job.into())])
 }
 
+impl From<&crate::writer::FileInfo> for FileStat {
+    fn from(f: &crate::writer::FileInfo) -> FileStat {
+        FileStat {
+            path: f.path.clone(),
+            size: f.size.max(0) as u64,
+            modified: f.modified,
+        }
+    }
+}
+
 async fn active(tref: &TableRef, table: &DeltaTable) -> Result<Vec<FileStat>, LakeError> {
-    let snapshot = table.snapshot().map_err(|e| LakeError::delta(tref, e))?;
-    snapshot
-        .snapshot()
-        .file_views(table.log_store().as_ref(), None)
-        .map_ok(|f| FileStat {
-            path: f.path().to_string(),
-            size: f.size().max(0) as u64,
-            modified: f.modification_time(),
-        })
-        .try_collect()
-        .await
-        .map_err(|e| LakeError::delta(tref, e))
+    Ok(crate::writer::list_files(tref, table)
+        .await?
+        .iter()
+        .map(FileStat::from)
+        .collect())
 }
 
 /// Merges small files as [`plan`] groups them, one commit per call. Rows,
@@ -220,20 +223,18 @@ pub async fn compact(
     if !snapshot.metadata().partition_columns().is_empty() {
         return Ok(Compacted::default());
     }
-    let files = active(tref, table).await?;
+    let listed = crate::writer::list_files(tref, table).await?;
+    let files: Vec<FileStat> = listed.iter().map(FileStat::from).collect();
     let bins = plan(&files, c);
     if bins.is_empty() {
         return Ok(Compacted::default());
     }
     let store = table.log_store().object_store(None);
     let schema = table_schema(tref, table)?;
-    let by_path: HashMap<String, deltalake::kernel::Remove> = snapshot
-        .snapshot()
-        .file_views(table.log_store().as_ref(), None)
-        .map_ok(|f| (f.path().to_string(), f.remove_action(false)))
-        .try_collect()
-        .await
-        .map_err(delta)?;
+    let by_path: HashMap<&str, &deltalake::kernel::Remove> = listed
+        .iter()
+        .map(|f| (f.path.as_str(), &f.remove))
+        .collect();
     let mut actions: Vec<Action> = Vec::new();
     let mut out = Compacted::default();
     for bin in &bins {
@@ -273,10 +274,13 @@ pub async fn compact(
             actions.push(Action::Add(add));
         }
         for f in bin {
-            if let Some(r) = by_path.get(&f.path) {
+            if let Some(r) = by_path.get(f.path.as_str()) {
                 out.files_removed += 1;
                 out.bytes_rewritten += f.size as i64;
-                actions.push(Action::Remove(r.clone()));
+                // Not data: consumers of commits skip this one.
+                let mut r = (*r).clone();
+                r.data_change = false;
+                actions.push(Action::Remove(r));
             }
         }
     }
@@ -448,7 +452,7 @@ pub async fn vacuum(
     while let Some(meta) = listing.next().await {
         let meta = meta?;
         let p = meta.location.to_string();
-        if p.starts_with('_') || p.starts_with('.') || p.contains("/_") || p.contains("/.") {
+        if !is_data_file(&p) {
             continue;
         }
         if active.contains(&p) || recent.contains(&p) {
@@ -481,6 +485,12 @@ pub async fn vacuum(
         .await?;
     debug!(table = %tref, files = files_deleted, "vacuumed");
     Ok(Vacuumed { files_deleted })
+}
+
+/// Whether a path in a table's directory can be a data file: the log,
+/// `_medallion/` state and hidden files never are.
+fn is_data_file(p: &str) -> bool {
+    !(p.starts_with('_') || p.starts_with('.') || p.contains("/_") || p.contains("/."))
 }
 
 /// When the table was last vacuumed (ms), from [`LAST_VACUUM`].
@@ -526,7 +536,7 @@ pub async fn health(
     while let Some(meta) = listing.next().await {
         let meta = meta?;
         let p = meta.location.as_ref();
-        if p.starts_with('_') || p.starts_with('.') || p.contains("/_") {
+        if !is_data_file(p) {
             continue;
         }
         let decoded = percent_decoded(p);

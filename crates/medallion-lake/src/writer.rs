@@ -587,6 +587,8 @@ pub struct FileInfo {
     pub path: String,
     pub size: i64,
     pub num_records: Option<usize>,
+    /// When the file was written (milliseconds since the epoch).
+    pub modified: i64,
     pub remove: Remove,
 }
 
@@ -599,6 +601,7 @@ pub async fn list_files(tref: &TableRef, table: &DeltaTable) -> Result<Vec<FileI
             path: f.path().to_string(),
             size: f.size(),
             num_records: f.num_records(),
+            modified: f.modification_time(),
             remove: f.remove_action(true),
         })
         .try_collect()
