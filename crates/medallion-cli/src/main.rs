@@ -1,6 +1,7 @@
 //! `medallion`: run the platform locally, publish, replay, query.
 
 mod demo;
+mod load;
 mod local;
 
 use std::path::PathBuf;
@@ -79,6 +80,32 @@ enum Command {
         /// Publish the whole input as one message (json products).
         #[arg(long, conflicts_with = "lines")]
         whole: bool,
+    },
+    /// Load-test a deployment: publish events with many JetStream publishes
+    /// in flight, at --rate or flat out, and print what NATS acknowledged
+    /// (events/s, MB/s, publish → ack latency) as JSON.
+    Load {
+        /// `<domain>.<product>`
+        product: String,
+        /// Events to cycle through, one per line (default: generated
+        /// payments valid for the shipped finance.payments spec).
+        #[arg(long)]
+        file: Option<PathBuf>,
+        /// Events per message.
+        #[arg(long, default_value_t = 100)]
+        per_message: usize,
+        /// Events per second (default: as fast as NATS acknowledges).
+        #[arg(long)]
+        rate: Option<f64>,
+        /// Events to publish in all.
+        #[arg(long)]
+        events: Option<u64>,
+        /// Publish for this long.
+        #[arg(long, value_parser = parse_duration)]
+        duration: Option<Duration>,
+        /// Publishes awaiting their acknowledgement at once.
+        #[arg(long, default_value_t = 256)]
+        in_flight: usize,
     },
     /// Rebuild Silver (and then Gold) of a product from Bronze with its current spec.
     Replay {
@@ -189,6 +216,36 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             let n = local::publish_all(&js, &subject, messages).await?;
             println!("published {n} message(s) to {subject}");
+            Ok(())
+        }
+        Command::Load {
+            product,
+            file,
+            per_message,
+            rate,
+            events,
+            duration,
+            in_flight,
+        } => {
+            let (domain, name) = split_product(&product)?;
+            let report = load::run(
+                &cli.nats,
+                load::LoadArgs {
+                    domain: domain.into(),
+                    product: name.into(),
+                    file,
+                    per_message,
+                    rate,
+                    events,
+                    duration,
+                    in_flight,
+                },
+            )
+            .await?;
+            println!("{}", serde_json::to_string(&report)?);
+            if report.errors > 0 {
+                bail!("{} publishes were not acknowledged", report.errors);
+            }
             Ok(())
         }
         Command::Replay { product, timeout } => {

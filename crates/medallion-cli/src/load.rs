@@ -1,0 +1,282 @@
+//! `medallion load`: publishes events to a product's ingest subject with
+//! many JetStream publishes in flight, at a target rate or flat out, and
+//! reports what NATS acknowledged: events and bytes per second and the
+//! publish → ack latency. Benchmarks use it so they measure the platform,
+//! not a publisher loop; users point it at their own deployment.
+
+use std::collections::VecDeque;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use async_nats::jetstream;
+use bytes::Bytes;
+
+pub struct LoadArgs {
+    pub domain: String,
+    pub product: String,
+    /// Events to cycle through, one per line; `None`: generated payments.
+    pub file: Option<PathBuf>,
+    pub per_message: usize,
+    /// Events per second; `None`: as fast as NATS acknowledges.
+    pub rate: Option<f64>,
+    pub events: Option<u64>,
+    pub duration: Option<Duration>,
+    pub in_flight: usize,
+}
+
+/// What NATS acknowledged.
+#[derive(Debug, serde::Serialize)]
+pub struct LoadReport {
+    pub subject: String,
+    pub messages: u64,
+    pub events: u64,
+    pub bytes: u64,
+    pub seconds: f64,
+    pub events_per_s: f64,
+    pub messages_per_s: f64,
+    pub mb_per_s: f64,
+    pub ack_ms_p50: f64,
+    pub ack_ms_p99: f64,
+    pub ack_ms_max: f64,
+    pub errors: u64,
+}
+
+/// Where the events come from.
+enum Source {
+    Lines(Vec<Vec<u8>>),
+    /// Payments valid for the shipped `finance.payments` spec, each with an
+    /// id of this run, so Silver keeps every one.
+    Payments {
+        run: String,
+    },
+}
+
+impl Source {
+    fn message(&self, first: u64, n: usize) -> Vec<u8> {
+        let mut out = Vec::with_capacity(n * 160);
+        for i in first..first + n as u64 {
+            if i > first {
+                out.push(b'\n');
+            }
+            match self {
+                Source::Lines(lines) => {
+                    out.extend_from_slice(&lines[(i % lines.len() as u64) as usize])
+                }
+                Source::Payments { run } => {
+                    const COUNTRIES: [&str; 5] = ["FR", "DE", "US", "ES", "IT"];
+                    const CURRENCIES: [&str; 2] = ["EUR", "USD"];
+                    let line = format!(
+                        r#"{{"event_id":"load-{run}-{i}","ts":"2026-11-29T{:02}:{:02}:00Z","user_id":"user-{}","amount":{}.{:02},"currency":"{}","country":"{}"}}"#,
+                        (i / 3600) % 24,
+                        (i / 60) % 60,
+                        i % 10_000,
+                        1 + i % 500,
+                        i % 100,
+                        CURRENCIES[(i % 2) as usize],
+                        COUNTRIES[(i % 5) as usize],
+                    );
+                    out.extend_from_slice(line.as_bytes());
+                }
+            }
+        }
+        out
+    }
+}
+
+pub async fn run(nats: &str, a: LoadArgs) -> anyhow::Result<LoadReport> {
+    if a.events.is_none() && a.duration.is_none() {
+        bail!("say how much to publish: --events N or --duration 60s");
+    }
+    if a.rate.is_some_and(|r| !(r > 0.0)) {
+        bail!("--rate must be a positive number of events per second");
+    }
+    let source = match &a.file {
+        Some(f) => {
+            let text = std::fs::read(f).with_context(|| format!("reading {}", f.display()))?;
+            let lines: Vec<Vec<u8>> = text
+                .split(|b| *b == b'\n')
+                .filter(|l| !l.is_empty())
+                .map(<[u8]>::to_vec)
+                .collect();
+            if lines.is_empty() {
+                bail!("{} has no events (one per line)", f.display());
+            }
+            Source::Lines(lines)
+        }
+        None => Source::Payments {
+            run: format!("{:x}", std::process::id() as u64 ^ now_nanos()),
+        },
+    };
+    let client = async_nats::connect(nats)
+        .await
+        .with_context(|| format!("connecting to NATS at {nats}"))?;
+    let js = jetstream::new(client);
+    let subject = medallion_spec::ingest_subject(&a.domain, &a.product);
+    let run_id = format!("{:016x}", now_nanos());
+    let per_message = a.per_message.max(1);
+    let in_flight = a.in_flight.max(1);
+
+    let started = Instant::now();
+    let mut pending: VecDeque<InFlight> = VecDeque::new();
+    let mut t = Tally::default();
+    let mut sent_events = 0u64;
+    let mut last_progress = Instant::now();
+    loop {
+        let done = a.events.is_some_and(|n| sent_events >= n)
+            || a.duration.is_some_and(|d| started.elapsed() >= d);
+        if done {
+            break;
+        }
+        let n = a.events.map_or(per_message as u64, |total| {
+            (total - sent_events).min(per_message as u64)
+        }) as usize;
+        if let Some(rate) = a.rate {
+            // Paced by the schedule, not by sleeps between messages: a slow
+            // ack does not lower the rate asked for.
+            let due = started + Duration::from_secs_f64(sent_events as f64 / rate);
+            tokio::time::sleep_until(due.into()).await;
+        }
+        let body = source.message(sent_events, n);
+        let size = body.len() as u64;
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(
+            "Nats-Msg-Id",
+            format!("{run_id}-{}", sent_events / per_message as u64).as_str(),
+        );
+        let at = Instant::now();
+        match js
+            .publish_with_headers(subject.clone(), headers, Bytes::from(body))
+            .await
+        {
+            Ok(ack) => pending.push_back(InFlight {
+                at,
+                events: n as u64,
+                bytes: size,
+                ack,
+            }),
+            Err(e) => {
+                t.errors += 1;
+                tracing::warn!(error = %e, "publish failed");
+            }
+        }
+        sent_events += n as u64;
+        while pending.len() >= in_flight {
+            t.settle(&mut pending).await;
+        }
+        if last_progress.elapsed() >= Duration::from_secs(5) {
+            last_progress = Instant::now();
+            eprintln!(
+                "{:>6.1}s  {} events acknowledged ({:.0}/s), {} errors",
+                started.elapsed().as_secs_f64(),
+                t.events,
+                t.events as f64 / started.elapsed().as_secs_f64(),
+                t.errors
+            );
+        }
+    }
+    while !pending.is_empty() {
+        t.settle(&mut pending).await;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let Tally {
+        events: acked_events,
+        messages: acked_messages,
+        bytes,
+        errors,
+        mut latencies_us,
+    } = t;
+    latencies_us.sort_unstable();
+    let q = |f: f64| -> f64 {
+        if latencies_us.is_empty() {
+            return 0.0;
+        }
+        let i = ((latencies_us.len() as f64 * f).ceil() as usize).clamp(1, latencies_us.len()) - 1;
+        latencies_us[i] as f64 / 1000.0
+    };
+    Ok(LoadReport {
+        subject,
+        messages: acked_messages,
+        events: acked_events,
+        bytes,
+        seconds,
+        events_per_s: acked_events as f64 / seconds,
+        messages_per_s: acked_messages as f64 / seconds,
+        mb_per_s: bytes as f64 / seconds / 1e6,
+        ack_ms_p50: q(0.5),
+        ack_ms_p99: q(0.99),
+        ack_ms_max: q(1.0),
+        errors,
+    })
+}
+
+struct InFlight {
+    at: Instant,
+    events: u64,
+    bytes: u64,
+    ack: jetstream::context::PublishAckFuture,
+}
+
+#[derive(Default)]
+struct Tally {
+    events: u64,
+    messages: u64,
+    bytes: u64,
+    errors: u64,
+    latencies_us: Vec<u32>,
+}
+
+impl Tally {
+    /// Waits for the oldest publish in flight (acks come back in order).
+    async fn settle(&mut self, pending: &mut VecDeque<InFlight>) {
+        let Some(p) = pending.pop_front() else { return };
+        match p.ack.await {
+            Ok(_) => {
+                self.latencies_us
+                    .push(p.at.elapsed().as_micros().min(u32::MAX as u128) as u32);
+                self.events += p.events;
+                self.messages += 1;
+                self.bytes += p.bytes;
+            }
+            Err(e) => {
+                self.errors += 1;
+                tracing::warn!(error = %e, "publish not acknowledged");
+            }
+        }
+    }
+}
+
+fn now_nanos() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generated_payments_are_valid_json_with_ids_unique_in_the_run() {
+        let s = Source::Payments { run: "r".into() };
+        let body = s.message(10, 50);
+        let lines: Vec<serde_json::Value> = body
+            .split(|b| *b == b'\n')
+            .map(|l| serde_json::from_slice(l).unwrap())
+            .collect();
+        assert_eq!(lines.len(), 50);
+        let ids: std::collections::HashSet<&str> = lines
+            .iter()
+            .map(|l| l["event_id"].as_str().unwrap())
+            .collect();
+        assert_eq!(ids.len(), 50);
+        assert!(ids.contains("load-r-10") && ids.contains("load-r-59"));
+    }
+
+    #[test]
+    fn file_lines_are_cycled() {
+        let s = Source::Lines(vec![b"a".to_vec(), b"b".to_vec(), b"c".to_vec()]);
+        assert_eq!(s.message(2, 4), b"c\na\nb\nc");
+    }
+}
