@@ -1,10 +1,12 @@
 """Ingest throughput harness: raw JetStream publish rate vs. medallion-ingest.
 
     python3 bench/ingest_bench.py [--events 200000] [--binary target/release/medallion-ingest]
+                                  [--publisher rust|python]
 
 Starts its own nats-server (free port, temp store) and the ingest binary,
 publishes 200-byte JSON events (one per message, then 1,000 per message as
-ndjson) with one async publisher, and measures:
+ndjson) with one async publisher — `medallion load` (Rust, 256 publishes in
+flight; the default) or nats-py — and measures:
   * raw: the same publisher into a plain stream nobody consumes,
   * ingest: publish start → every event committed to Bronze (read with
     Python's deltalake), and p50/p99 publish→commit latency from ingest's
@@ -55,6 +57,14 @@ def bronze_rows(lake, product):
     return deltalake.DeltaTable(path).to_pyarrow_table(columns=["stream_seq"]).num_rows
 
 
+def load(args, url, subject, events_file, n, per_message):
+    """Publishes with `medallion load`; returns the seconds NATS took to acknowledge it all."""
+    out = subprocess.run([args.medallion, "--nats", url, "load", "bench.x", "--subject", subject, "--file", events_file,
+                          "--events", str(n), "--per-message", str(per_message)],
+                         check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])["seconds"]
+
+
 async def run(args):
     tmp = tempfile.mkdtemp()
     port, http = free_port(), free_port()
@@ -76,10 +86,18 @@ async def run(args):
             lines = [event(i) for i in range(n)]
             payloads = lines if per_message == 1 else [b"\n".join(lines[i:i + per_message]) for i in range(0, n, per_message)]
             mb = sum(len(p) for p in payloads) / 1e6
-            raw = await publish(js, f"raw.{per_message}", payloads)
             product = f"p{per_message}"
-            start = time.perf_counter()
-            await publish(js, f"medallion.ingest.bench.{product}", payloads)
+            if args.publisher == "rust":
+                events_file = os.path.join(tmp, "events.ndjson")
+                with open(events_file, "wb") as f:
+                    f.write(b"\n".join(lines) + b"\n")
+                raw = load(args, url, f"raw.{per_message}", events_file, n, per_message)
+                start = time.perf_counter()
+                load(args, url, f"medallion.ingest.bench.{product}", events_file, n, per_message)
+            else:
+                raw = await publish(js, f"raw.{per_message}", payloads)
+                start = time.perf_counter()
+                await publish(js, f"medallion.ingest.bench.{product}", payloads)
             want = len(payloads)
             while bronze_rows(lake, product) < want:
                 if time.perf_counter() - start > 600:
@@ -95,7 +113,7 @@ async def run(args):
         server.terminate()
         server.wait()
         shutil.rmtree(tmp, ignore_errors=True)
-    out = ["", f"### Ingest ({time.strftime('%Y-%m-%d')}, `{' '.join(sys.argv)}`, binary `{args.binary}`)", "",
+    out = ["", f"### Ingest ({time.strftime('%Y-%m-%d')}, `{' '.join(sys.argv)}`, binary `{args.binary}`, publisher {args.publisher})", "",
            "| events/msg | events | MB | raw publish ev/s | ingest ev/s | ingest MB/s | ingest / raw | p50 ≤ s | p99 ≤ s |",
            "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -110,4 +128,7 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--events", type=int, default=200_000)
     ap.add_argument("--binary", default=os.path.expanduser("~/.cache/medallion-target/release/medallion-ingest"))
+    ap.add_argument("--medallion", default=os.path.expanduser("~/.cache/medallion-target/release/medallion"),
+                    help="the medallion CLI, whose `load` publishes for --publisher rust")
+    ap.add_argument("--publisher", choices=["rust", "python"], default="rust")
     asyncio.run(run(ap.parse_args()))

@@ -23,6 +23,9 @@ pub struct LoadArgs {
     pub events: Option<u64>,
     pub duration: Option<Duration>,
     pub in_flight: usize,
+    /// Publish here instead of the product's ingest subject (e.g. a plain
+    /// stream, to measure JetStream alone).
+    pub subject: Option<String>,
 }
 
 /// What NATS acknowledged.
@@ -112,7 +115,10 @@ pub async fn run(nats: &str, a: LoadArgs) -> anyhow::Result<LoadReport> {
         .await
         .with_context(|| format!("connecting to NATS at {nats}"))?;
     let js = jetstream::new(client);
-    let subject = medallion_spec::ingest_subject(&a.domain, &a.product);
+    let subject = a
+        .subject
+        .clone()
+        .unwrap_or_else(|| medallion_spec::ingest_subject(&a.domain, &a.product));
     let run_id = format!("{:016x}", now_nanos());
     let per_message = a.per_message.max(1);
     let in_flight = a.in_flight.max(1);

@@ -106,6 +106,10 @@ enum Command {
         /// Publishes awaiting their acknowledgement at once.
         #[arg(long, default_value_t = 256)]
         in_flight: usize,
+        /// Publish to this JetStream subject instead of the product's
+        /// ingest subject (e.g. a plain stream, to measure NATS alone).
+        #[arg(long)]
+        subject: Option<String>,
     },
     /// Rebuild Silver (and then Gold) of a product from Bronze with its current spec.
     Replay {
@@ -226,6 +230,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             events,
             duration,
             in_flight,
+            subject,
         } => {
             let (domain, name) = split_product(&product)?;
             let report = load::run(
@@ -239,6 +244,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     events,
                     duration,
                     in_flight,
+                    subject,
                 },
             )
             .await?;
