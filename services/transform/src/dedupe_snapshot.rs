@@ -229,7 +229,7 @@ async fn fetch_runs(
 async fn upload(store: &dyn ObjectStore, run: &KeyRun) -> Result<(), SnapshotError> {
     let upload = store.put_multipart(&run_path(run.id)).await?;
     let mut w = WriteMultipart::new_with_chunk_size(upload, 8 << 20);
-    let mut f = std::fs::File::open(run.path())?;
+    let mut f = run.reader()?;
     let mut buf = vec![0u8; 8 << 20];
     loop {
         let n = f.read(&mut buf)?;

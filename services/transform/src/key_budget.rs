@@ -34,10 +34,18 @@ impl KeyBudget {
         for entry in std::fs::read_dir(base)? {
             let entry = entry?;
             let dir = entry.path();
-            if entry.file_type()?.is_dir()
-                && let Ok(lock) = File::open(dir.join(LOCK_FILE))
-                && lock.try_lock().is_ok()
-            {
+            let hidden = entry.file_name().to_string_lossy().starts_with('.');
+            let stale = if hidden {
+                // A directory still being claimed, or left half-claimed.
+                entry
+                    .metadata()?
+                    .modified()?
+                    .elapsed()
+                    .is_ok_and(|age| age > std::time::Duration::from_secs(3600))
+            } else {
+                File::open(dir.join(LOCK_FILE)).is_ok_and(|lock| lock.try_lock().is_ok())
+            };
+            if entry.file_type()?.is_dir() && stale {
                 let _ = std::fs::remove_dir_all(&dir);
             }
         }
@@ -45,10 +53,15 @@ impl KeyBudget {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos())
             .unwrap_or(0);
-        let dir = base.join(format!("p{}-{nanos}", std::process::id()));
-        std::fs::create_dir_all(&dir)?;
-        let lock = File::create(dir.join(LOCK_FILE))?;
+        let name = format!("p{}-{nanos}", std::process::id());
+        // Locked under a hidden name, then renamed: no other process can
+        // see it unlocked and take it for a dead one's.
+        let claiming = base.join(format!(".{name}"));
+        std::fs::create_dir_all(&claiming)?;
+        let lock = File::create(claiming.join(LOCK_FILE))?;
         lock.try_lock().map_err(io::Error::other)?;
+        let dir = base.join(name);
+        std::fs::rename(&claiming, &dir)?;
         Ok(KeyBudget {
             max_hot_keys: max_hot_keys(memory_bytes),
             dir,

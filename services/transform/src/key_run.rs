@@ -93,7 +93,7 @@ impl KeyRun {
         }
         let mut index = Index::new((size / KEY_BYTES as u64) as usize);
         let mut last = None;
-        for k in read_keys(&path)? {
+        for k in read_keys(File::open(&path)?) {
             let k = k?;
             if last.is_some_and(|l| l >= k) {
                 return Err(io::Error::other(format!(
@@ -158,9 +158,18 @@ impl KeyRun {
         false
     }
 
-    /// The keys in ascending order.
+    /// The keys in ascending order. Read through the file this run holds
+    /// open, so a temp-directory cleaner removing the path does not lose it.
     pub fn keys(&self) -> io::Result<impl Iterator<Item = io::Result<u128>> + use<>> {
-        read_keys(&self.path)
+        Ok(read_keys(self.reader()?))
+    }
+
+    /// The run's bytes from the start, through the file it holds open.
+    pub fn reader(&self) -> io::Result<impl Read + use<>> {
+        Ok(FromStart {
+            file: self.file.try_clone()?,
+            at: 0,
+        })
     }
 
     /// Merges runs into one new run `id` in `dir`.
@@ -196,16 +205,31 @@ impl Drop for KeyRun {
     }
 }
 
-fn read_keys(path: &Path) -> io::Result<impl Iterator<Item = io::Result<u128>> + use<>> {
-    let mut r = BufReader::with_capacity(1 << 20, File::open(path)?);
-    Ok(std::iter::from_fn(move || {
+/// Reads a file by offset: lookups read the same file at the same time
+/// (also by offset), so the shared file position is never used.
+struct FromStart {
+    file: File,
+    at: u64,
+}
+
+impl Read for FromStart {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.file.read_at(buf, self.at)?;
+        self.at += n as u64;
+        Ok(n)
+    }
+}
+
+fn read_keys(r: impl Read) -> impl Iterator<Item = io::Result<u128>> {
+    let mut r = BufReader::with_capacity(1 << 20, r);
+    std::iter::from_fn(move || {
         let mut b = [0u8; KEY_BYTES];
         match r.read_exact(&mut b) {
             Ok(()) => Some(Ok(u128::from_le_bytes(b))),
             Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => None,
             Err(e) => Some(Err(e)),
         }
-    }))
+    })
 }
 
 /// The in-memory part of a run, built while its keys stream by.
@@ -336,6 +360,19 @@ mod tests {
         // ~1% at 10 bits per key; well under 3% whatever the seed.
         assert!(passed < 3_000, "{passed} of 100000 absent keys passed");
         assert!(run.memory_bytes() < 100_000 * 2, "{}", run.memory_bytes());
+    }
+
+    /// A temp-directory cleaner deleting the path loses nothing: the run
+    /// reads through the file it holds open.
+    #[test]
+    fn a_run_whose_path_was_deleted_still_answers_and_merges() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = run_of(dir.path(), 1, &(0u128..600).collect());
+        let b = run_of(dir.path(), 2, &(600u128..700).collect());
+        std::fs::remove_file(a.path()).unwrap();
+        assert!(a.contains(5) && a.contains(599) && !a.contains(600));
+        let merged = KeyRun::merge(dir.path(), 3, &[a, b]).unwrap();
+        assert_eq!(merged.len(), 700);
     }
 
     #[test]
