@@ -53,7 +53,14 @@ pub async fn read_commit(
     for action in actions {
         match action {
             Action::Add(add) if add.data_change => {
-                for b in read_parquet(&store, &add.path).await? {
+                let batches = match read_parquet(&store, &add.path).await {
+                    // Compacted, then vacuumed: the rows are in a newer file.
+                    Err(e) if e.is_not_found() => {
+                        crate::moved::read_moved(tref, table, version, &add.path).await?
+                    }
+                    r => r?,
+                };
+                for b in batches {
                     rows.batches.push(conform(b, &schema)?);
                 }
             }

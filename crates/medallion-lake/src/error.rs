@@ -24,6 +24,14 @@ pub enum LakeError {
         at: String,
         message: String,
     },
+    #[error(
+        "table {table}: the rows of version {version} (file {file}) were deleted by vacuum and no compaction recorded where they went; keep spec.retention.time_travel longer than a stage may fall behind (docs/reference.md#tables-that-stay-healthy-maintenance-and-retention)"
+    )]
+    RowsGone {
+        table: String,
+        version: i64,
+        file: String,
+    },
     #[error(transparent)]
     Arrow(#[from] arrow::error::ArrowError),
     #[error(transparent)]

@@ -5,6 +5,7 @@ pub mod dictionary;
 mod error;
 mod location;
 pub mod maintenance;
+mod moved;
 mod object_stores;
 pub mod query;
 pub mod writer;

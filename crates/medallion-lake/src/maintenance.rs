@@ -188,6 +188,18 @@ fn size_class(size: u64, fanout: u64) -> u32 {
     class
 }
 
+/// Commit info key of a compaction's map of where rows went.
+pub const MOVED_KEY: &str = "medallion.moved";
+
+/// The rows of data file `from` are rows `offset..offset + rows` of `to`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Moved {
+    pub from: String,
+    pub to: String,
+    pub offset: usize,
+    pub rows: usize,
+}
+
 fn maintenance_properties(job: &str) -> CommitProperties {
     CommitProperties::default().with_metadata([(MAINTENANCE_KEY.to_string(), job.into())])
 }
@@ -237,7 +249,11 @@ pub async fn compact(
         .collect();
     let mut actions: Vec<Action> = Vec::new();
     let mut out = Compacted::default();
+    // Where each input file's rows went, so a consumer reading an old commit
+    // by its files still finds its rows once vacuum deleted them.
+    let mut moved: Vec<Moved> = Vec::new();
     for bin in &bins {
+        let mut inputs: Vec<(String, usize)> = Vec::with_capacity(bin.len());
         // One input file in memory at a time: a bin can hold up to the
         // target size, many times that once decoded.
         let mut writer: Option<RecordBatchWriter> = None;
@@ -261,12 +277,31 @@ pub async fn compact(
                 );
             }
             let w = writer.as_mut().expect("created above");
+            let mut rows = 0;
             for b in batches.into_iter().filter(|b| b.num_rows() > 0) {
+                rows += b.num_rows();
                 w.write(b).await.map_err(delta)?;
             }
+            inputs.push((f.path.clone(), rows));
         }
         let Some(mut writer) = writer else { continue };
         let adds: Vec<Add> = writer.flush().await.map_err(delta)?;
+        // Without a target size the writer makes one file of a bin, rows in
+        // the order written; should it ever make more, the map is left out
+        // (an old commit of those inputs is then unreadable after vacuum,
+        // as without compaction's map).
+        if let [add] = adds.as_slice() {
+            let mut offset = 0;
+            for (from, rows) in inputs {
+                moved.push(Moved {
+                    from,
+                    to: add.path.clone(),
+                    offset,
+                    rows,
+                });
+                offset += rows;
+            }
+        }
         medallion_runtime::failpoint::hit("lake.compact.before_commit");
         for mut add in adds {
             add.data_change = false;
@@ -290,7 +325,15 @@ pub async fn compact(
     };
     // A concurrent commit that removed one of these files (an overwrite)
     // makes delta-rs refuse this one; the next cycle plans again.
-    let finalized = CommitBuilder::from(maintenance_properties("compact"))
+    // `with_metadata` replaces the map: both keys at once.
+    let properties = CommitProperties::default().with_metadata([
+        (MAINTENANCE_KEY.to_string(), "compact".into()),
+        (
+            MOVED_KEY.to_string(),
+            serde_json::to_value(&moved).expect("plain data"),
+        ),
+    ]);
+    let finalized = CommitBuilder::from(properties)
         .with_actions(actions)
         .build(Some(snapshot), table.log_store(), operation)
         .await

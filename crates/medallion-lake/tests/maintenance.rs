@@ -109,6 +109,14 @@ async fn small_commits_are_merged_and_time_travel_holds_until_vacuum() {
     assert_eq!(before.len(), 64 * 50);
     let files_before = medallion_lake::list_files(&t, &table).await.unwrap().len();
     assert_eq!(files_before, 64);
+    // What a consumer catching up reads of each commit.
+    let mut per_commit = Vec::new();
+    for v in 0..=last {
+        if let Some(c) = read_commit(&t, &table, v).await.unwrap() {
+            per_commit.push((v, ids(&c.batches)));
+        }
+    }
+    assert_eq!(per_commit.iter().filter(|(_, r)| r.len() == 50).count(), 64);
     let old_version = 20;
     let old_rows = ids(&read_all(
         &t,
@@ -217,6 +225,17 @@ async fn small_commits_are_merged_and_time_travel_holds_until_vacuum() {
         rows_read_by_python_deltalake_at(&path, None).unwrap(),
         before.len()
     );
+    // A consumer that fell behind (or a full refresh from version 1) still
+    // reads every old commit's rows: compaction recorded where they went,
+    // through every round of merges.
+    for (v, want) in &per_commit {
+        let got = read_commit(&t, &table, *v).await.unwrap().unwrap();
+        assert_eq!(
+            &ids(&got.batches),
+            want,
+            "commit {v} after compaction and vacuum"
+        );
+    }
     // The old version's files are gone now: time travel that far back fails
     // (the retention is what protects it).
     let err = rows_read_by_python_deltalake_at(&path, Some(old_version));

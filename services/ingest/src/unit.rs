@@ -266,16 +266,11 @@ impl Unit {
         );
         let mut msgs = Vec::with_capacity(batch.len());
         let mut bytes = 0usize;
+        let mut pending = None;
         for m in &batch {
             let Ok(info) = m.info() else { continue };
-            self.shared
-                .metrics
-                .consumer_pending
-                .with_label_values(&[&format!("medallion-ingest-{}", self.u)])
-                .set(info.pending as i64);
-            self.shared
-                .ownership
-                .set_backlog(&self.u, info.pending as i64);
+            // The last message's count is the batch's: set once below.
+            pending = Some(info.pending as i64);
             bytes += m.payload.len();
             let Some((_, _, slot)) = parse_ingest_slot(&m.subject) else {
                 continue;
@@ -293,6 +288,14 @@ impl Unit {
                     traceparent: header(m.headers.as_ref(), headers::TRACEPARENT),
                 },
             ));
+        }
+        if let Some(p) = pending {
+            self.shared
+                .metrics
+                .consumer_pending
+                .with_label_values(&[&format!("medallion-ingest-{}", self.u)])
+                .set(p);
+            self.shared.ownership.set_backlog(&self.u, p);
         }
         span.record("bytes", bytes);
         // The batch span links to every traced message, and each message's
