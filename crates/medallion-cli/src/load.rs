@@ -4,13 +4,14 @@
 //! publish → ack latency. Benchmarks use it so they measure the platform,
 //! not a publisher loop; users point it at their own deployment.
 
-use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use async_nats::jetstream;
 use bytes::Bytes;
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
 
 pub struct LoadArgs {
     pub domain: String,
@@ -124,7 +125,7 @@ pub async fn run(nats: &str, a: LoadArgs) -> anyhow::Result<LoadReport> {
     let in_flight = a.in_flight.max(1);
 
     let started = Instant::now();
-    let mut pending: VecDeque<InFlight> = VecDeque::new();
+    let mut pending = FuturesUnordered::new();
     let mut t = Tally::default();
     let mut sent_events = 0u64;
     let mut last_progress = Instant::now();
@@ -137,12 +138,25 @@ pub async fn run(nats: &str, a: LoadArgs) -> anyhow::Result<LoadReport> {
         let n = a.events.map_or(per_message as u64, |total| {
             (total - sent_events).min(per_message as u64)
         }) as usize;
-        if let Some(rate) = a.rate {
-            // Paced by the schedule, not by sleeps between messages: a slow
-            // ack does not lower the rate asked for.
-            let due = started + Duration::from_secs_f64(sent_events as f64 / rate);
-            tokio::time::sleep_until(due.into()).await;
-        }
+        // Paced by the schedule, not by sleeps between messages: a slow ack
+        // does not lower the rate asked for, and latency counts from when a
+        // message was due (a publisher that fell behind shows in it).
+        let at = match a.rate {
+            Some(rate) => {
+                let due = started + Duration::from_secs_f64(sent_events as f64 / rate);
+                let sleep = tokio::time::sleep_until(due.into());
+                tokio::pin!(sleep);
+                loop {
+                    tokio::select! {
+                        biased;
+                        Some(done) = pending.next(), if !pending.is_empty() => t.record(done),
+                        _ = &mut sleep => break,
+                    }
+                }
+                due
+            }
+            None => Instant::now(),
+        };
         let body = source.message(sent_events, n);
         let size = body.len() as u64;
         let mut headers = async_nats::HeaderMap::new();
@@ -150,17 +164,21 @@ pub async fn run(nats: &str, a: LoadArgs) -> anyhow::Result<LoadReport> {
             "Nats-Msg-Id",
             format!("{run_id}-{}", sent_events / per_message as u64).as_str(),
         );
-        let at = Instant::now();
         match js
             .publish_with_headers(subject.clone(), headers, Bytes::from(body))
             .await
         {
-            Ok(ack) => pending.push_back(InFlight {
-                at,
-                events: n as u64,
-                bytes: size,
-                ack,
-            }),
+            // A task per publish: its ack is timed the moment it arrives,
+            // whatever this loop is doing then.
+            Ok(ack) => pending.push(tokio::spawn(async move {
+                let acked = ack.await;
+                Acked {
+                    latency: at.elapsed(),
+                    events: n as u64,
+                    bytes: size,
+                    error: acked.err().map(|e| e.to_string()),
+                }
+            })),
             Err(e) => {
                 t.errors += 1;
                 tracing::warn!(error = %e, "publish failed");
@@ -168,7 +186,9 @@ pub async fn run(nats: &str, a: LoadArgs) -> anyhow::Result<LoadReport> {
         }
         sent_events += n as u64;
         while pending.len() >= in_flight {
-            t.settle(&mut pending).await;
+            if let Some(done) = pending.next().await {
+                t.record(done);
+            }
         }
         if last_progress.elapsed() >= Duration::from_secs(5) {
             last_progress = Instant::now();
@@ -181,8 +201,8 @@ pub async fn run(nats: &str, a: LoadArgs) -> anyhow::Result<LoadReport> {
             );
         }
     }
-    while !pending.is_empty() {
-        t.settle(&mut pending).await;
+    while let Some(done) = pending.next().await {
+        t.record(done);
     }
     let seconds = started.elapsed().as_secs_f64();
     let Tally {
@@ -216,11 +236,12 @@ pub async fn run(nats: &str, a: LoadArgs) -> anyhow::Result<LoadReport> {
     })
 }
 
-struct InFlight {
-    at: Instant,
+/// One publish as NATS answered it.
+struct Acked {
+    latency: Duration,
     events: u64,
     bytes: u64,
-    ack: jetstream::context::PublishAckFuture,
+    error: Option<String>,
 }
 
 #[derive(Default)]
@@ -233,18 +254,22 @@ struct Tally {
 }
 
 impl Tally {
-    /// Waits for the oldest publish in flight (acks come back in order).
-    async fn settle(&mut self, pending: &mut VecDeque<InFlight>) {
-        let Some(p) = pending.pop_front() else { return };
-        match p.ack.await {
-            Ok(_) => {
+    fn record(&mut self, a: Result<Acked, tokio::task::JoinError>) {
+        let a = a.unwrap_or_else(|e| Acked {
+            latency: Duration::ZERO,
+            events: 0,
+            bytes: 0,
+            error: Some(e.to_string()),
+        });
+        match a.error {
+            None => {
                 self.latencies_us
-                    .push(p.at.elapsed().as_micros().min(u32::MAX as u128) as u32);
-                self.events += p.events;
+                    .push(a.latency.as_micros().min(u32::MAX as u128) as u32);
+                self.events += a.events;
                 self.messages += 1;
-                self.bytes += p.bytes;
+                self.bytes += a.bytes;
             }
-            Err(e) => {
+            Some(e) => {
                 self.errors += 1;
                 tracing::warn!(error = %e, "publish not acknowledged");
             }

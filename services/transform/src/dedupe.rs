@@ -76,6 +76,8 @@ pub struct KeySet {
     pub(crate) horizon_ms: Option<i64>,
     /// Where keys beyond the memory budget go; `None`: all stay in memory.
     pub(crate) spill: Option<SpillDir>,
+    /// In-memory key count when writing a run last failed.
+    pub(crate) spill_failed_at: Option<usize>,
 }
 
 #[derive(Debug)]
@@ -119,6 +121,16 @@ pub(crate) fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
+/// Runs disk work that takes a while at millions of keys (writing and
+/// merging runs) so that, on a multi-threaded runtime, the runtime's other
+/// tasks (lease renewals, other products) move meanwhile.
+pub(crate) fn blocking<R>(f: impl FnOnce() -> R) -> R {
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
+        _ => f(),
+    }
+}
+
 /// A name for a new run, unique among every replica's.
 pub(crate) fn new_run_id() -> u64 {
     static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
@@ -135,7 +147,7 @@ impl KeySet {
     /// Keys beyond `spill.max_hot_keys` go to runs in its directory.
     pub fn with_spill(mut self, spill: Option<SpillDir>) -> Self {
         self.spill = spill;
-        self.spill_if_over();
+        self.spill_if_over(0);
         self
     }
 
@@ -173,11 +185,15 @@ impl KeySet {
     }
 
     pub(crate) fn extend_at(&mut self, keys: impl IntoIterator<Item = u128>, now: i64) {
+        let keys = keys.into_iter();
+        // Keys past the horizon are not worth writing out; and spilling
+        // before the set would outgrow the budget spares it a doubling.
+        self.forget_old(now);
+        self.spill_if_over(keys.size_hint().0);
         let g = self.current(now);
         g.keys.extend(keys);
         g.last_ms = g.last_ms.max(now);
-        self.spill_if_over();
-        self.forget_old(now);
+        self.spill_if_over(0);
     }
 
     pub fn clear(&mut self) {
@@ -217,11 +233,25 @@ impl KeySet {
     /// Writes the in-memory keys out as runs once they exceed the budget.
     /// A run that cannot be written leaves its keys in memory: over budget,
     /// never wrong.
-    fn spill_if_over(&mut self) {
+    fn spill_if_over(&mut self, incoming: usize) {
         let Some(spill) = &self.spill else { return };
-        if self.in_memory() <= spill.max_hot_keys {
+        let held = self.in_memory();
+        if held == 0 || held + incoming <= spill.max_hot_keys {
             return;
         }
+        if self
+            .spill_failed_at
+            .is_some_and(|n| held < n.saturating_mul(2))
+        {
+            // The last attempt failed (disk full?): try again once the set
+            // has doubled, not on every commit.
+            return;
+        }
+        blocking(|| self.spill_now());
+    }
+
+    fn spill_now(&mut self) {
+        let Some(spill) = &self.spill else { return };
         let started = std::time::Instant::now();
         let spilled = self.in_memory();
         for g in &mut self.generations {
@@ -239,10 +269,12 @@ impl KeySet {
                 }
                 Err(e) => {
                     warn!(dir = %spill.path.display(), error = %e, "dedupe keys cannot be spilled to disk; they stay in memory");
+                    self.spill_failed_at = Some(spilled);
                     return;
                 }
             }
         }
+        self.spill_failed_at = None;
         info!(
             keys = spilled,
             runs = self.runs(),

@@ -102,29 +102,24 @@ impl KeySet {
                 r.uploaded = true;
             }
         }
-        let path = Path::from(format!("{SNAPSHOT_DIR}/dedupe-{version:020}.bin"));
+        let path = Path::from(format!(
+            "{SNAPSHOT_DIR}/dedupe-{version:020}-{:016x}.bin",
+            writer()
+        ));
         store
             .put(&path, PutPayload::from(Bytes::from(self.encode())))
             .await?;
-        // Older snapshots are no longer needed; newer ones (another
-        // replica's) keep their runs.
-        let mut named: HashSet<u64> = self
+        // The snapshot is written: what follows is clean-up, and its failure
+        // only leaves objects for the next save.
+        let named: HashSet<u64> = self
             .generations
             .iter()
             .flat_map(|g| g.runs.iter().map(|r| r.id))
             .collect();
-        for (v, p) in list_snapshots(store).await? {
-            if v < version {
-                let _ = store.delete(&p).await;
-            } else if v > version {
-                match read_run_refs(store, &p).await {
-                    Some(refs) => named.extend(refs.iter().map(|r| r.id)),
-                    // Unreadable: keep every run this time.
-                    None => return Ok(()),
-                }
-            }
+        if let Err(e) = clean_up(store, &path, version, named).await {
+            warn!(error = %e, "old dedupe snapshots or key runs not removed; the next snapshot tries again");
         }
-        remove_unnamed_runs(store, &named).await
+        Ok(())
     }
 
     /// The newest snapshot at or below `max_version` whose runs can all be
@@ -136,12 +131,18 @@ impl KeySet {
         mut spill: impl FnMut() -> std::io::Result<Option<SpillDir>>,
     ) -> Result<Option<(i64, KeySet)>, SnapshotError> {
         let mut snaps = list_snapshots(store).await?;
-        snaps.sort_by_key(|(v, _)| std::cmp::Reverse(*v));
-        for (v, p) in snaps {
+        snaps.sort_by_key(|s| std::cmp::Reverse(s.version));
+        for s in snaps {
+            let (v, p) = (s.version, s.path);
             if v > max_version {
                 continue;
             }
-            let bytes = store.get(&p).await?.bytes().await?;
+            let bytes = match store.get(&p).await {
+                Ok(r) => r.bytes().await?,
+                // Replaced by a newer one since the listing.
+                Err(object_store::Error::NotFound { .. }) => continue,
+                Err(e) => return Err(e.into()),
+            };
             let Some(decoded) = decode(&bytes) else {
                 warn!(snapshot = %p, "dedupe snapshot unreadable; trying an older one");
                 continue;
@@ -177,9 +178,10 @@ async fn fetch_runs(
                     while let Some(chunk) = body.next().await {
                         f.write_all(&chunk?)?;
                     }
-                    f.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+                    f.flush()?;
+                    drop(f);
                     std::fs::rename(&tmp, &local)?;
-                    let mut run = KeyRun::open(r.id, local)?;
+                    let mut run = crate::dedupe::blocking(|| KeyRun::open(r.id, local))?;
                     if run.len() != r.len {
                         return Err(std::io::Error::other(format!(
                             "key run {:016x} has {} keys, the snapshot says {}",
@@ -220,8 +222,7 @@ async fn fetch_runs(
     }
     Ok(KeySet {
         generations,
-        horizon_ms: None,
-        spill: None,
+        ..Default::default()
     }
     .with_spill(spill))
 }
@@ -229,18 +230,30 @@ async fn fetch_runs(
 async fn upload(store: &dyn ObjectStore, run: &KeyRun) -> Result<(), SnapshotError> {
     let upload = store.put_multipart(&run_path(run.id)).await?;
     let mut w = WriteMultipart::new_with_chunk_size(upload, 8 << 20);
-    let mut f = run.reader()?;
-    let mut buf = vec![0u8; 8 << 20];
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            break;
+    let copied: Result<(), SnapshotError> = async {
+        let mut f = run.reader()?;
+        let mut buf = vec![0u8; 8 << 20];
+        loop {
+            let n = f.read(&mut buf)?;
+            if n == 0 {
+                return Ok(());
+            }
+            w.wait_for_capacity(4).await?;
+            w.write(&buf[..n]);
         }
-        w.wait_for_capacity(4).await?;
-        w.write(&buf[..n]);
     }
-    w.finish().await?;
-    Ok(())
+    .await;
+    match copied {
+        Ok(()) => {
+            w.finish().await?;
+            Ok(())
+        }
+        Err(e) => {
+            // No half-uploaded parts left behind on the store.
+            let _ = w.abort().await;
+            Err(e)
+        }
+    }
 }
 
 async fn remove_unnamed_runs(
@@ -359,21 +372,70 @@ fn decode(bytes: &[u8]) -> Option<Decoded> {
     Some(Decoded { generations })
 }
 
-async fn list_snapshots(store: &dyn ObjectStore) -> Result<Vec<(i64, Path)>, SnapshotError> {
+/// This process's name in snapshot names: each replica sharing a product
+/// keeps its own newest snapshot, so one replica's clean-up never removes
+/// the snapshot (and runs) another is still naming.
+fn writer() -> u64 {
+    static WRITER: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *WRITER.get_or_init(crate::dedupe::new_run_id)
+}
+
+struct Listed {
+    version: i64,
+    /// `None`: a snapshot named before writers were (one writer per product).
+    writer: Option<u64>,
+    path: Path,
+    modified: chrono::DateTime<chrono::Utc>,
+}
+
+async fn list_snapshots(store: &dyn ObjectStore) -> Result<Vec<Listed>, SnapshotError> {
     let prefix = Path::from(SNAPSHOT_DIR);
     let metas: Vec<_> = store.list(Some(&prefix)).try_collect().await?;
     Ok(metas
         .into_iter()
         .filter_map(|m| {
             let name = m.location.filename()?.to_string();
-            let v = name
-                .strip_prefix("dedupe-")?
-                .strip_suffix(".bin")?
-                .parse()
-                .ok()?;
-            Some((v, m.location))
+            let stem = name.strip_prefix("dedupe-")?.strip_suffix(".bin")?;
+            let (v, writer) = match stem.split_once('-') {
+                Some((v, w)) => (v, Some(u64::from_str_radix(w, 16).ok()?)),
+                None => (stem, None),
+            };
+            Some(Listed {
+                version: v.parse().ok()?,
+                writer,
+                path: m.location,
+                modified: m.last_modified,
+            })
         })
         .collect())
+}
+
+/// Removes this writer's older snapshots, other writers' snapshots that a
+/// newer one superseded and that were not rewritten for [`RUN_GRACE`] (their
+/// replica stopped or moved), and runs no remaining snapshot names.
+async fn clean_up(
+    store: &dyn ObjectStore,
+    written: &Path,
+    version: i64,
+    mut named: HashSet<u64>,
+) -> Result<(), SnapshotError> {
+    let cutoff = chrono::Utc::now() - RUN_GRACE;
+    for s in list_snapshots(store).await? {
+        if &s.path == written {
+            continue;
+        }
+        let own = s.writer.is_none_or(|w| w == writer());
+        if own || (s.version < version && s.modified < cutoff) {
+            let _ = store.delete(&s.path).await;
+            continue;
+        }
+        match read_run_refs(store, &s.path).await {
+            Some(refs) => named.extend(refs.iter().map(|r| r.id)),
+            // Unreadable (being replaced, say): keep every run this time.
+            None => return Ok(()),
+        }
+    }
+    remove_unnamed_runs(store, &named).await
 }
 
 #[cfg(test)]
@@ -387,8 +449,7 @@ mod tests {
         let d = decode(&set.encode()).unwrap();
         KeySet {
             generations: d.generations.into_iter().map(|(g, _)| g).collect(),
-            horizon_ms: None,
-            spill: None,
+            ..Default::default()
         }
     }
 
@@ -506,6 +567,56 @@ mod tests {
                 .unwrap()
                 .is_none()
         );
+    }
+
+    /// Two replicas sharing a product: one's save keeps the other's recent
+    /// snapshot and the old runs it names; a snapshot its writer stopped
+    /// rewriting goes, with its runs, once superseded and past the grace.
+    #[tokio::test]
+    async fn another_replicas_snapshot_keeps_its_runs_until_it_goes_quiet() {
+        let lake = tempfile::tempdir().unwrap();
+        let local = tempfile::tempdir().unwrap();
+        let store = LocalFileSystem::new_with_prefix(lake.path()).unwrap();
+        let mut other = KeySet::default().with_spill(Some(spill_dir(local.path(), "o", 1000)));
+        other.extend((10u128..3000).map(|i| i << 70));
+        assert!(other.runs() > 0);
+        for r in other.generations.iter().flat_map(|g| &g.runs) {
+            upload(&store, r).await.unwrap();
+        }
+        let theirs = lake.path().join(format!(
+            "{SNAPSHOT_DIR}/dedupe-{:020}-{:016x}.bin",
+            5,
+            writer() ^ 1
+        ));
+        std::fs::write(&theirs, other.encode()).unwrap();
+        let an_hour_ago = std::time::SystemTime::now() - Duration::from_secs(3600);
+        let age = |p: &std::path::Path| {
+            std::fs::File::options()
+                .write(true)
+                .open(p)
+                .unwrap()
+                .set_modified(an_hour_ago)
+                .unwrap()
+        };
+        let runs_dir = lake.path().join(RUNS_DIR);
+        let run_files = || std::fs::read_dir(&runs_dir).unwrap().count();
+        for e in std::fs::read_dir(&runs_dir).unwrap() {
+            age(&e.unwrap().path());
+        }
+        let mut mine = KeySet::default();
+        mine.extend([1u128, 2]);
+        mine.save(&store, 9).await.unwrap();
+        assert!(theirs.exists(), "a live replica's snapshot was removed");
+        assert_eq!(
+            run_files(),
+            other.runs(),
+            "runs a live snapshot names were removed"
+        );
+
+        age(&theirs);
+        mine.save(&store, 10).await.unwrap();
+        assert!(!theirs.exists(), "a quiet, superseded snapshot stayed");
+        assert_eq!(run_files(), 0, "runs no snapshot names stayed");
     }
 
     #[tokio::test]

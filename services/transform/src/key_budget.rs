@@ -31,21 +31,28 @@ impl KeyBudget {
     /// those of processes that are gone.
     pub fn prepare(base: &Path, memory_bytes: usize) -> io::Result<KeyBudget> {
         std::fs::create_dir_all(base)?;
-        for entry in std::fs::read_dir(base)? {
-            let entry = entry?;
+        for entry in std::fs::read_dir(base)?.flatten() {
+            // Only directories named as this code names them: the base may
+            // be a shared directory such as /tmp.
+            let name = entry.file_name().to_string_lossy().to_string();
+            let (hidden, bare) = match name.strip_prefix('.') {
+                Some(rest) => (true, rest.to_string()),
+                None => (false, name),
+            };
+            if !is_process_dir_name(&bare) || !entry.file_type().is_ok_and(|t| t.is_dir()) {
+                continue;
+            }
             let dir = entry.path();
-            let hidden = entry.file_name().to_string_lossy().starts_with('.');
             let stale = if hidden {
                 // A directory still being claimed, or left half-claimed.
-                entry
-                    .metadata()?
-                    .modified()?
-                    .elapsed()
-                    .is_ok_and(|age| age > std::time::Duration::from_secs(3600))
+                entry.metadata().and_then(|m| m.modified()).is_ok_and(|t| {
+                    t.elapsed()
+                        .is_ok_and(|age| age > std::time::Duration::from_secs(3600))
+                })
             } else {
                 File::open(dir.join(LOCK_FILE)).is_ok_and(|lock| lock.try_lock().is_ok())
             };
-            if entry.file_type()?.is_dir() && stale {
+            if stale {
                 let _ = std::fs::remove_dir_all(&dir);
             }
         }
@@ -90,6 +97,18 @@ impl Drop for KeyBudget {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// `p<pid>-<nanos>`.
+fn is_process_dir_name(name: &str) -> bool {
+    name.strip_prefix('p')
+        .and_then(|r| r.split_once('-'))
+        .is_some_and(|(pid, nanos)| {
+            !pid.is_empty()
+                && !nanos.is_empty()
+                && pid.bytes().all(|b| b.is_ascii_digit())
+                && nanos.bytes().all(|b| b.is_ascii_digit())
+        })
 }
 
 /// The largest set that fits in `memory_bytes` without its next doubling.
@@ -142,8 +161,13 @@ mod tests {
         let dead = base.path().join("p1-1");
         std::fs::create_dir_all(&dead).unwrap();
         File::create(dead.join(LOCK_FILE)).unwrap();
+        // Someone else's directory in a shared base is left alone.
+        let foreign = base.path().join("cache");
+        std::fs::create_dir_all(&foreign).unwrap();
+        File::create(foreign.join(LOCK_FILE)).unwrap();
         let live = KeyBudget::prepare(base.path(), 1 << 20).unwrap();
         assert!(!dead.exists());
+        assert!(foreign.exists());
         let other = KeyBudget::prepare(base.path(), 1 << 20).unwrap();
         assert!(live.dir.exists() && other.dir.exists());
         let product = live.product_dir("d.p").unwrap();

@@ -61,7 +61,27 @@ impl KeyRun {
     ) -> io::Result<KeyRun> {
         let path = dir.join(file_name(id));
         let tmp = path.with_extension("tmp");
-        let mut out = BufWriter::with_capacity(1 << 20, File::create(&tmp)?);
+        // A temp cleaner may have taken the directory.
+        std::fs::create_dir_all(dir)?;
+        let written = Self::write_to(&tmp, keys, expected);
+        // A failed write (disk full) must not keep the space it took.
+        let index = match written {
+            Ok(index) => index,
+            Err(e) => {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(e);
+            }
+        };
+        std::fs::rename(&tmp, &path)?;
+        index.finish(id, path)
+    }
+
+    fn write_to(
+        tmp: &Path,
+        keys: impl IntoIterator<Item = io::Result<u128>>,
+        expected: usize,
+    ) -> io::Result<Index> {
+        let mut out = BufWriter::with_capacity(1 << 20, File::create(tmp)?);
         let mut index = Index::new(expected);
         let mut last = None;
         for k in keys {
@@ -76,9 +96,9 @@ impl KeyRun {
             index.push(k);
             out.write_all(&k.to_le_bytes())?;
         }
-        out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
-        std::fs::rename(&tmp, &path)?;
-        index.finish(id, path)
+        // No fsync: the file is a cache that a restart never reuses.
+        out.flush()?;
+        Ok(index)
     }
 
     /// Opens a run file written by [`KeyRun::write`] (or downloaded), reading
