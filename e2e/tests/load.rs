@@ -74,40 +74,34 @@ async fn load_publishes_paced_events_the_pipeline_keeps() {
     );
 
     // A user's own file, cycled; a bad setting is refused with the fix.
+    let url = nats.url();
     let file = logs.path().join("events.ndjson");
     std::fs::write(&file, "{\"a\":1}\n{\"a\":2}\n").unwrap();
-    let out = std::process::Command::new(binary("medallion"))
-        .args([
+    let file_arg = file.display().to_string();
+    let with_file = |extra: &[&str]| {
+        let mut args = vec![
             "--nats",
-            &nats.url(),
+            &url,
             "load",
             "finance.payments",
             "--per-message",
             "5",
-        ])
-        .arg("--file")
-        .arg(&file)
-        .output()
-        .unwrap();
+        ];
+        args.extend(["--file", &file_arg]);
+        args.extend(extra);
+        std::process::Command::new(binary("medallion"))
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let out = with_file(&[]);
     assert!(!out.status.success());
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("--events N or --duration"),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let out = std::process::Command::new(binary("medallion"))
-        .args([
-            "--nats",
-            &nats.url(),
-            "load",
-            "finance.payments",
-            "--per-message",
-            "5",
-        ])
-        .args(["--events", "10", "--file"])
-        .arg(&file)
-        .output()
-        .unwrap();
+    let out = with_file(&["--events", "10"]);
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(
         (report["events"].as_u64(), report["messages"].as_u64()),

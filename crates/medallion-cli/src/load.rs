@@ -13,19 +13,32 @@ use bytes::Bytes;
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 
+#[derive(clap::Args)]
 pub struct LoadArgs {
-    pub domain: String,
+    /// `<domain>.<product>`
     pub product: String,
-    /// Events to cycle through, one per line; `None`: generated payments.
+    /// Events to cycle through, one per line (default: generated
+    /// payments valid for the shipped finance.payments spec).
+    #[arg(long)]
     pub file: Option<PathBuf>,
+    /// Events per message.
+    #[arg(long, default_value_t = 100)]
     pub per_message: usize,
-    /// Events per second; `None`: as fast as NATS acknowledges.
+    /// Events per second (default: as fast as NATS acknowledges).
+    #[arg(long)]
     pub rate: Option<f64>,
+    /// Events to publish in all.
+    #[arg(long)]
     pub events: Option<u64>,
+    /// Publish for this long.
+    #[arg(long, value_parser = crate::parse_duration)]
     pub duration: Option<Duration>,
+    /// Publishes awaiting their acknowledgement at once.
+    #[arg(long, default_value_t = 256)]
     pub in_flight: usize,
-    /// Publish here instead of the product's ingest subject (e.g. a plain
-    /// stream, to measure JetStream alone).
+    /// Publish to this JetStream subject instead of the product's ingest
+    /// subject (e.g. a plain stream, to measure NATS alone).
+    #[arg(long)]
     pub subject: Option<String>,
 }
 
@@ -89,6 +102,11 @@ impl Source {
 }
 
 pub async fn run(nats: &str, a: LoadArgs) -> anyhow::Result<LoadReport> {
+    let (domain, name) = crate::split_product(&a.product)?;
+    let subject = a
+        .subject
+        .clone()
+        .unwrap_or_else(|| medallion_spec::ingest_subject(domain, name));
     if a.events.is_none() && a.duration.is_none() {
         bail!("say how much to publish: --events N or --duration 60s");
     }
@@ -116,10 +134,6 @@ pub async fn run(nats: &str, a: LoadArgs) -> anyhow::Result<LoadReport> {
         .await
         .with_context(|| format!("connecting to NATS at {nats}"))?;
     let js = jetstream::new(client);
-    let subject = a
-        .subject
-        .clone()
-        .unwrap_or_else(|| medallion_spec::ingest_subject(&a.domain, &a.product));
     let run_id = format!("{:016x}", now_nanos());
     let per_message = a.per_message.max(1);
     let in_flight = a.in_flight.max(1);

@@ -84,33 +84,7 @@ enum Command {
     /// Load-test a deployment: publish events with many JetStream publishes
     /// in flight, at --rate or flat out, and print what NATS acknowledged
     /// (events/s, MB/s, publish → ack latency) as JSON.
-    Load {
-        /// `<domain>.<product>`
-        product: String,
-        /// Events to cycle through, one per line (default: generated
-        /// payments valid for the shipped finance.payments spec).
-        #[arg(long)]
-        file: Option<PathBuf>,
-        /// Events per message.
-        #[arg(long, default_value_t = 100)]
-        per_message: usize,
-        /// Events per second (default: as fast as NATS acknowledges).
-        #[arg(long)]
-        rate: Option<f64>,
-        /// Events to publish in all.
-        #[arg(long)]
-        events: Option<u64>,
-        /// Publish for this long.
-        #[arg(long, value_parser = parse_duration)]
-        duration: Option<Duration>,
-        /// Publishes awaiting their acknowledgement at once.
-        #[arg(long, default_value_t = 256)]
-        in_flight: usize,
-        /// Publish to this JetStream subject instead of the product's
-        /// ingest subject (e.g. a plain stream, to measure NATS alone).
-        #[arg(long)]
-        subject: Option<String>,
-    },
+    Load(load::LoadArgs),
     /// Rebuild Silver (and then Gold) of a product from Bronze with its current spec.
     Replay {
         /// `<domain>.<product>`
@@ -222,32 +196,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("published {n} message(s) to {subject}");
             Ok(())
         }
-        Command::Load {
-            product,
-            file,
-            per_message,
-            rate,
-            events,
-            duration,
-            in_flight,
-            subject,
-        } => {
-            let (domain, name) = split_product(&product)?;
-            let report = load::run(
-                &cli.nats,
-                load::LoadArgs {
-                    domain: domain.into(),
-                    product: name.into(),
-                    file,
-                    per_message,
-                    rate,
-                    events,
-                    duration,
-                    in_flight,
-                    subject,
-                },
-            )
-            .await?;
+        Command::Load(args) => {
+            let report = load::run(&cli.nats, args).await?;
             println!("{}", serde_json::to_string(&report)?);
             if report.errors > 0 {
                 bail!("{} publishes were not acknowledged", report.errors);

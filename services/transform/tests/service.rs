@@ -97,6 +97,42 @@ fn strings(b: &[RecordBatch], col: &str) -> Vec<String> {
         .collect()
 }
 
+/// A nats-server with the streams, an empty lake and the shipped payments spec.
+struct Setup {
+    nats: NatsServer,
+    lake_dir: tempfile::TempDir,
+    products: tempfile::TempDir,
+    lake: Lake,
+    client: async_nats::Client,
+    js: jetstream::Context,
+}
+
+async fn setup() -> Setup {
+    init_logs();
+    let nats = NatsServer::start();
+    let lake_dir = tempfile::tempdir().unwrap();
+    let products = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        concat!(env!("CARGO_MANIFEST_DIR"), "/../../products/payments.yaml"),
+        products.path().join("payments.yaml"),
+    )
+    .unwrap();
+    let lake = Lake::from_location(&lake_dir.path().display().to_string()).unwrap();
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let js = jetstream::new(client.clone());
+    medallion_bus::ensure_streams(&js, &Default::default())
+        .await
+        .unwrap();
+    Setup {
+        nats,
+        lake_dir,
+        products,
+        lake,
+        client,
+        js,
+    }
+}
+
 fn payment(id: &str, amount: f64, currency: &str, country: &str) -> String {
     format!(
         r#"{{"event_id":"{id}","ts":"2026-11-29T10:15:00Z","user_id":"u-{id}","amount":{amount},"currency":"{currency}","country":"{country}"}}"#
@@ -113,21 +149,14 @@ async fn publish(js: &jetstream::Context, body: String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silver_enforces_the_contract_end_to_end() {
-    init_logs();
-    let nats = NatsServer::start();
-    let lake_dir = tempfile::tempdir().unwrap();
-    let products = tempfile::tempdir().unwrap();
-    std::fs::copy(
-        concat!(env!("CARGO_MANIFEST_DIR"), "/../../products/payments.yaml"),
-        products.path().join("payments.yaml"),
-    )
-    .unwrap();
-    let lake = Lake::from_location(&lake_dir.path().display().to_string()).unwrap();
-    let client = async_nats::connect(nats.url()).await.unwrap();
-    let js = jetstream::new(client.clone());
-    medallion_bus::ensure_streams(&js, &Default::default())
-        .await
-        .unwrap();
+    let Setup {
+        nats,
+        lake_dir,
+        products,
+        lake,
+        client,
+        js,
+    } = setup().await;
     let mut silver_events = client
         .subscribe("medallion.silver.finance.payments")
         .await
@@ -518,23 +547,16 @@ async fn keys_are_forgotten_after_the_dedupe_horizon() {
 /// and still drops every duplicate.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keys_beyond_the_memory_budget_spill_to_disk_and_survive_a_move() {
-    init_logs();
-    let nats = NatsServer::start();
-    let lake_dir = tempfile::tempdir().unwrap();
-    let products = tempfile::tempdir().unwrap();
+    let Setup {
+        nats,
+        lake_dir,
+        products,
+        lake,
+        js,
+        ..
+    } = setup().await;
     let keys_a = tempfile::tempdir().unwrap();
     let keys_b = tempfile::tempdir().unwrap();
-    std::fs::copy(
-        concat!(env!("CARGO_MANIFEST_DIR"), "/../../products/payments.yaml"),
-        products.path().join("payments.yaml"),
-    )
-    .unwrap();
-    let lake = Lake::from_location(&lake_dir.path().display().to_string()).unwrap();
-    let client = async_nats::connect(nats.url()).await.unwrap();
-    let js = jetstream::new(client.clone());
-    medallion_bus::ensure_streams(&js, &Default::default())
-        .await
-        .unwrap();
     let v = |addr, keys: &Path| {
         let mut v = vars(&nats, lake_dir.path(), products.path(), addr);
         // The smallest budget: 896 keys in memory.
