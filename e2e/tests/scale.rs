@@ -154,19 +154,7 @@ fn produce(url: String, waves: std::ops::Range<usize>) -> tokio::task::JoinHandl
 async fn publish(js: &async_nats::jetstream::Context, subject: &str, id: &str, body: String) {
     let mut h = async_nats::HeaderMap::new();
     h.insert("Nats-Msg-Id", id);
-    loop {
-        let stored = match js
-            .publish_with_headers(subject.to_string(), h.clone(), body.clone().into())
-            .await
-        {
-            Ok(ack) => ack.await.is_ok(),
-            Err(_) => false,
-        };
-        if stored {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    medallion_e2e::publish_until_stored(js, subject, h, body.into_bytes()).await;
 }
 
 struct Replicas {
