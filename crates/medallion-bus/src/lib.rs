@@ -7,6 +7,7 @@ pub mod codec;
 pub mod connect;
 pub mod consumer;
 pub mod dlq;
+pub mod erasures;
 mod error;
 pub mod event;
 pub mod headers;

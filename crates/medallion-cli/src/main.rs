@@ -1,6 +1,7 @@
-//! `medallion`: run the platform locally, publish, replay, query.
+//! `medallion`: run the platform locally, publish, replay, query, forget.
 
 mod demo;
+mod forget;
 mod load;
 mod local;
 
@@ -101,6 +102,10 @@ enum Command {
         #[arg(long, default_value_t = 1000)]
         limit: usize,
     },
+    /// Erase a data subject from a product (GDPR): ask the catalog (admin
+    /// token), then wait while medallion-transform removes the subject's rows
+    /// from every layer and print what was removed as JSON.
+    Forget(forget::ForgetArgs),
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -243,6 +248,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{}", arrow::util::pretty::pretty_format_batches(&batches)?);
             Ok(())
         }
+        Command::Forget(args) => forget::run(args).await,
     }
 }
 

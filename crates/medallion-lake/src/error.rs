@@ -32,6 +32,8 @@ pub enum LakeError {
         version: i64,
         file: String,
     },
+    #[error("table {table}: erasure: {message}")]
+    Erase { table: String, message: String },
     #[error(transparent)]
     Arrow(#[from] arrow::error::ArrowError),
     #[error(transparent)]

@@ -2,6 +2,7 @@
 
 pub mod commits;
 pub mod dictionary;
+pub mod erase;
 mod error;
 mod location;
 pub mod maintenance;

@@ -532,7 +532,7 @@ pub async fn vacuum(
 
 /// Whether a path in a table's directory can be a data file: the log,
 /// `_medallion/` state and hidden files never are.
-fn is_data_file(p: &str) -> bool {
+pub(crate) fn is_data_file(p: &str) -> bool {
     !(p.starts_with('_') || p.starts_with('.') || p.contains("/_") || p.contains("/."))
 }
 

@@ -43,6 +43,10 @@ pub struct AppState {
     pub query_timeout: Duration,
     /// Files below half of this count as small in a table's health.
     pub compact_target_bytes: u64,
+    /// Erasure requests (`medallion forget`), applied by the transform.
+    pub erasures: medallion_bus::erasures::Erasures,
+    /// Keys the digest naming a subject; `None`: erasure requests are refused.
+    pub erasure_key: Option<crate::forget_api::DigestKey>,
 }
 
 #[derive(OpenApi)]
@@ -86,6 +90,9 @@ pub fn router(state: Arc<AppState>) -> Router {
         .routes(routes!(query))
         .routes(routes!(audit_log))
         .routes(routes!(crate::pipeline_api::pipeline))
+        .routes(routes!(crate::forget_api::forget))
+        .routes(routes!(crate::forget_api::get_erasure))
+        .routes(routes!(crate::forget_api::list_erasures))
         .with_state(state)
         .split_for_parts();
     let doc = Arc::new(doc);

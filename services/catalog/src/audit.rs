@@ -19,6 +19,18 @@ pub struct AuditRecord {
     pub version: Option<i64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rows: Option<usize>,
+    /// The erasure request a record is about (`forget`, `get_erasure`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub erasure: Option<ErasureRef>,
+}
+
+/// An erasure request in the audit log: the subject appears only as its
+/// digest, never as the value.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ErasureRef {
+    pub id: String,
+    pub column: String,
+    pub digest: String,
 }
 
 impl AuditRecord {
@@ -38,6 +50,7 @@ impl AuditRecord {
             reason: None,
             version,
             rows,
+            erasure: None,
         }
     }
 
@@ -51,6 +64,7 @@ impl AuditRecord {
             reason: Some(reason.into()),
             version: None,
             rows: None,
+            erasure: None,
         }
     }
 }

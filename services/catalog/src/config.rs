@@ -23,6 +23,8 @@ pub struct CatalogConfig {
     pub reload_interval: Duration,
     /// Run the DataProduct controller (`MEDALLION_KUBE_CONTROLLER`).
     pub kube_controller: bool,
+    /// Keys the digest that names a data subject in erasure requests.
+    pub erasure_key: Option<crate::forget_api::DigestKey>,
 }
 
 impl CatalogConfig {
@@ -30,6 +32,15 @@ impl CatalogConfig {
         let issuer = env.optional("MEDALLION_JWT_ISSUER");
         let audience = env.optional("MEDALLION_JWT_AUDIENCE");
         let secret = env.optional("MEDALLION_JWT_SECRET");
+        // The digest of an erased subject is keyed with the catalog's own
+        // signing secret. RS256 leaves the catalog no secret of its own, so
+        // the PII key (a secret every deployment that hashes PII already
+        // keeps) stands in; without either, erasure requests are refused.
+        let erasure_key = secret
+            .clone()
+            .or_else(|| env.optional("MEDALLION_PII_KEY"))
+            .filter(|k| !k.is_empty())
+            .map(|k| crate::forget_api::DigestKey::new(k.into_bytes()));
         let public_key = env.existing_file("MEDALLION_JWT_PUBLIC_KEY");
         let verifier = match (secret, public_key) {
             (Some(_), Some(_)) => {
@@ -83,6 +94,55 @@ impl CatalogConfig {
             compact_target_bytes: env.usize("MEDALLION_COMPACT_TARGET_BYTES", 1 << 20) as u64,
             reload_interval: env.duration("MEDALLION_RELOAD_INTERVAL"),
             kube_controller: env.bool("MEDALLION_KUBE_CONTROLLER"),
+            erasure_key,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(vars: &[(&str, &str)]) -> CatalogConfig {
+        let mut env = EnvReader::from_map(
+            vars.iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        );
+        let c = CatalogConfig::from_env(&mut env);
+        env.finish().unwrap();
+        c
+    }
+
+    #[test]
+    fn the_subject_digest_is_keyed_with_the_jwt_secret_or_else_the_pii_key() {
+        let digest = |c: &CatalogConfig| {
+            c.erasure_key
+                .as_ref()
+                .map(|k| k.digest("shop", "orders", "email", "a@b"))
+        };
+        let secret = "catalog-secret-0123456789abcdef-0123";
+        let hs = config(&[
+            ("MEDALLION_JWT_SECRET", secret),
+            ("MEDALLION_PII_KEY", "pii"),
+        ]);
+        let want = crate::forget_api::DigestKey::new(secret.into())
+            .digest("shop", "orders", "email", "a@b");
+        assert_eq!(digest(&hs), Some(want));
+        let public = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/test_rsa_public.pem"
+        );
+        let rs = config(&[
+            ("MEDALLION_JWT_PUBLIC_KEY", public),
+            ("MEDALLION_PII_KEY", "pii"),
+        ]);
+        let want = crate::forget_api::DigestKey::new(b"pii".to_vec())
+            .digest("shop", "orders", "email", "a@b");
+        assert_eq!(digest(&rs), Some(want));
+        assert_eq!(
+            digest(&config(&[("MEDALLION_JWT_PUBLIC_KEY", public)])),
+            None
+        );
     }
 }

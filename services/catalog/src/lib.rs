@@ -12,6 +12,7 @@ pub mod audit;
 pub mod auth;
 pub mod config;
 pub mod dead_letters;
+pub mod forget_api;
 pub mod kube;
 pub mod openlineage;
 mod pipeline_api;

@@ -27,6 +27,11 @@ pub async fn run(config: CatalogConfig, rt: Runtime) -> anyhow::Result<()> {
     let registry = Registry::open(&js, &config.streams)
         .await
         .context("opening the product registry")?;
+    // Opened (created on first use) here rather than on the first request,
+    // so a catalog that cannot reach the bucket fails at start, not mid-request.
+    let erasures = medallion_bus::erasures::Erasures::open(&js, &config.streams)
+        .await
+        .context("opening the erasure requests bucket")?;
     let changed = registry.changes();
     let source = SpecSource::Registry(registry.clone(), changed.clone());
     let state = Arc::new(AppState {
@@ -47,6 +52,8 @@ pub async fn run(config: CatalogConfig, rt: Runtime) -> anyhow::Result<()> {
         row_limit: config.row_limit,
         query_timeout: config.query_timeout,
         compact_target_bytes: config.compact_target_bytes,
+        erasures,
+        erasure_key: config.erasure_key.clone(),
     });
     state.seed_from_folder().await;
     state.sync().await;

@@ -58,7 +58,7 @@ async fn require_admin(
 /// Names that cannot be a product (`..`, `>`, `*`, dots, upper case) name
 /// none: 404 here, instead of reaching the registry, whose keys they are
 /// not (`>` and `*` are wildcards there).
-fn named_like_a_product(d: &str, p: &str) -> Result<(), ApiError> {
+pub(crate) fn named_like_a_product(d: &str, p: &str) -> Result<(), ApiError> {
     if medallion_spec::contract::is_valid_name(d) && medallion_spec::contract::is_valid_name(p) {
         return Ok(());
     }

@@ -417,12 +417,15 @@ async fn registry_round_trip_compatibility_and_hot_reload() {
     let want: Vec<(String, String)> = [
         ("DELETE", "/v1/products/{domain}/{product}"),
         ("GET", "/v1/audit"),
+        ("GET", "/v1/erasures"),
         ("GET", "/v1/pipeline"),
         ("GET", "/v1/products"),
         ("GET", "/v1/products/{domain}/{product}"),
+        ("GET", "/v1/products/{domain}/{product}/forget/{id}"),
         ("GET", "/v1/products/{domain}/{product}/lineage"),
         ("GET", "/v1/products/{domain}/{product}/versions"),
         ("GET", "/v1/tables/{layer}/{domain}/{table}"),
+        ("POST", "/v1/products/{domain}/{product}/forget"),
         ("POST", "/v1/query"),
         ("PUT", "/v1/products/{domain}/{product}"),
     ]
@@ -435,7 +438,8 @@ async fn registry_round_trip_compatibility_and_hot_reload() {
             .replace("{domain}", "finance")
             .replace("{product}", "payments")
             .replace("{layer}", "gold")
-            .replace("{table}", "t");
+            .replace("{table}", "t")
+            .replace("{id}", "x");
         let url = format!("{}{concrete}", api.base);
         let req = match method.as_str() {
             "GET" => api.http.get(url),

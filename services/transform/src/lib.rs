@@ -24,6 +24,8 @@ pub mod decode;
 pub mod dedupe;
 pub mod dedupe_snapshot;
 pub mod flat_json;
+mod forget;
+pub mod forget_match;
 pub mod key_budget;
 pub mod key_run;
 pub mod pipeline;

@@ -48,6 +48,22 @@ pub async fn run(config: TransformConfig, rt: Runtime) -> anyhow::Result<()> {
                 config.dedupe_dir.display()
             )
         })?;
+    let erasures = medallion_bus::erasures::Erasures::open(&js, &config.stage.streams)
+        .await
+        .context("opening the erasure requests bucket")?;
+    let specs =
+        medallion_bus::registry::SpecSource::open(&config.stage.specs, &js, &config.stage.streams)
+            .await
+            .context("opening the spec source for erasures")?;
+    crate::forget::ForgetJob {
+        lake: lake.clone(),
+        js: js.clone(),
+        erasures,
+        specs,
+        pii_key: config.pii_key.clone(),
+        replica: config.stage.ownership.replica.clone(),
+    }
+    .start(rt.shutdown.clone());
     let stage = Transform {
         key_budget,
         lake: lake.clone(),

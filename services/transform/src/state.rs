@@ -263,7 +263,9 @@ async fn replay_keys(
             .map_err(|e| e.to_string())?
         {
             if c.removed_data {
-                keys.clear();
+                // A full refresh or an erasure rewrote rows: the keys are
+                // those of the files from then on, read from the table.
+                return Err(format!("version {v} rewrote rows"));
             }
             for b in &c.batches {
                 keys.add_batch(b, key).map_err(|e| e.to_string())?;

@@ -99,6 +99,11 @@ pub(crate) async fn step(
                 }
             }
         };
+        // Messages an erasure emptied are not data any more.
+        let batches: Vec<RecordBatch> = batches
+            .into_iter()
+            .map(crate::forget_match::without_erased_messages)
+            .collect();
         records += batches
             .iter()
             .map(|b| crate::decode::count_records(format, b))

@@ -135,6 +135,22 @@ pub async fn start_platform(
     (runtimes, catalog, port)
 }
 
+/// Starts the catalog alone on a free port: nothing acts on what it records.
+pub fn start_catalog(nats: &NatsServer, lake: &Path, products: &Path) -> (Runtime, u16) {
+    let port = free_port();
+    let mut r = EnvReader::from_map(vars(nats, lake, products, "MEDALLION_CATALOG_ADDR", port));
+    let c = medallion_catalog::CatalogConfig::from_env(&mut r);
+    r.finish().unwrap();
+    let catalog = Runtime::new("medallion-catalog");
+    let fut = medallion_catalog::run(c, catalog.clone());
+    tokio::spawn(async move {
+        if let Err(e) = fut.await {
+            panic!("medallion-catalog stopped: {e:#}");
+        }
+    });
+    (catalog, port)
+}
+
 impl Api {
     /// Sends a spec document (YAML) with PUT.
     pub async fn put_spec(&self, path: &str, token: &str, yaml: &str) -> (u16, Value) {
