@@ -1,5 +1,5 @@
-//! Erasure of one data subject (`medallion forget`) against the real
-//! binaries, with compaction running (so older files hold the subject too)
+//! Erasure of one data subject (`medallion forget`, asked of the catalog by
+//! an admin through the CLI) against the real binaries, with compaction running (so older files hold the subject too)
 //! and the transform killed twice in the middle of the erasure: once just
 //! before its first rewrite commits, once after Silver is rewritten but
 //! before the history is sealed; the aggregate is SIGKILLed while the
@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use arrow::array::{Array, AsArray};
 use arrow::datatypes::{DataType, Float64Type};
-use medallion_bus::erasures::{Erasure, ErasureStatus, Erasures};
+use medallion_bus::erasures::{ErasureStatus, Erasures};
 use medallion_e2e::{
     Service, gold_payments, payments_message, pipeline_vars, read_table, row_count, stop_all,
     unique_values,
@@ -153,6 +153,9 @@ async fn a_subject_is_erased_from_every_layer_and_file_across_crashes() {
         v.insert("MEDALLION_FAIL_POINTS".into(), format!("{point}=exit"));
         Service::start_named("medallion-transform", log, &v, logs.path())
     };
+    let mut v_catalog = vars(&nats.url(), lake.path(), "MEDALLION_CATALOG_ADDR");
+    v_catalog.insert("MEDALLION_JWT_SECRET".into(), JWT_SECRET.into());
+    let catalog = format!("http://{}", v_catalog["MEDALLION_CATALOG_ADDR"]);
     let mut services = vec![
         Service::start("medallion-ingest", &v_ingest, logs.path()),
         transform_failing("lake.erase.before_commit", "transform-1"),
@@ -162,6 +165,7 @@ async fn a_subject_is_erased_from_every_layer_and_file_across_crashes() {
             &v_aggregate,
             logs.path(),
         ),
+        Service::start("medallion-catalog", &v_catalog, logs.path()),
     ];
     let client = async_nats::ConnectOptions::new()
         .retry_on_initial_connect()
@@ -240,31 +244,19 @@ async fn a_subject_is_erased_from_every_layer_and_file_across_crashes() {
         "the subject is in the lake before the erasure"
     );
 
-    // The request, as the catalog stores it.
-    let streams = medallion_bus::StreamSettings {
-        replicas: 1,
-        duplicate_window: Duration::from_secs(120),
-        event_max_age: Duration::from_secs(3600),
-        ingest_max_bytes: -1,
-    };
-    let erasures = Erasures::open(&js, &streams).await.unwrap();
-    let request = Erasure {
-        id: "e2e-1".into(),
-        domain: "finance".into(),
-        product: "payments".into(),
-        column: "user_id".into(),
-        value: Some(SUBJECT.into()),
-        digest: "d".into(),
-        requested_by: "e2e".into(),
-        requested_at: chrono::Utc::now().to_rfc3339(),
-        status: ErasureStatus::Pending,
-        progress: None,
-        outcome: None,
-        finished_at: None,
-        claimed_by: None,
-        claimed_at_ms: None,
-    };
-    erasures.create(&request).await.unwrap();
+    // An admin asks through the CLI, which waits for the outcome while the
+    // stages die around the erasure.
+    let admin =
+        hs256(&serde_json::json!({"sub": "dpo", "roles": ["admin"], "exp": 4_102_444_800u64}));
+    let cli = std::process::Command::new(medallion_e2e::binary("medallion"))
+        .args(["forget", "finance.payments", "--subject"])
+        .arg(format!("user_id={SUBJECT}"))
+        .args(["--catalog", &catalog, "--token", &admin, "--wait", "240"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let cli = tokio::task::spawn_blocking(move || cli.wait_with_output().unwrap());
 
     // Dies as its Bronze rewrite is about to commit.
     assert!(
@@ -294,26 +286,28 @@ async fn a_subject_is_erased_from_every_layer_and_file_across_crashes() {
         logs.path(),
     );
 
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let done = loop {
-        let (_, e) = erasures
-            .get("finance", "payments", "e2e-1")
-            .await
-            .unwrap()
-            .unwrap();
-        if e.status == ErasureStatus::Done {
-            break e;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the erasure did not finish (last: {:?}):\n{}",
-            e.progress,
-            medallion_e2e::services_logs(&services)
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
+    let out = cli.await.unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        out.status.success(),
+        "medallion forget failed: {stderr}\n{}",
+        medallion_e2e::services_logs(&services)
+    );
+    let outcome: medallion_bus::erasures::ErasureOutcome =
+        serde_json::from_slice(&out.stdout).expect("the outcome as JSON on stdout");
+    let streams = medallion_bus::StreamSettings {
+        replicas: 1,
+        duplicate_window: Duration::from_secs(120),
+        event_max_age: Duration::from_secs(3600),
+        ingest_max_bytes: -1,
     };
+    let erasures = Erasures::open(&js, &streams).await.unwrap();
+    let all = erasures.list(None).await.unwrap();
+    assert_eq!(all.len(), 1);
+    let done = all[0].1.clone();
+    assert_eq!(done.status, ErasureStatus::Done);
+    assert_eq!(done.outcome.as_ref(), Some(&outcome));
     assert_eq!(done.value, None, "a finished request keeps no value");
-    let outcome = done.outcome.clone().unwrap();
     assert_eq!(
         outcome.rows_removed.get("bronze"),
         Some(&(subject_rows as u64 + 1)),
@@ -410,5 +404,34 @@ async fn a_subject_is_erased_from_every_layer_and_file_across_crashes() {
         },
     )
     .await;
+    // The audit log names who erased what and when, never the subject.
+    let (status, audit) = medallion_e2e::http_get(
+        &format!("{catalog}/v1/audit?product=finance.payments"),
+        Some(&admin),
+    )
+    .await
+    .expect("the catalog answers");
+    assert_eq!(status, 200, "{audit}");
+    assert!(
+        audit.contains("\"forget\"") && audit.contains("\"dpo\""),
+        "{audit}"
+    );
+    assert!(!audit.contains(SUBJECT), "{audit}");
     stop_all(&mut services);
+}
+
+const JWT_SECRET: &str = "e2e-forget-test-secret-0123456789";
+
+fn hs256(claims: &serde_json::Value) -> String {
+    use base64::Engine as _;
+    use hmac::Mac as _;
+    let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+    let input = format!(
+        "{}.{}",
+        b64(br#"{"alg":"HS256","typ":"JWT"}"#),
+        b64(claims.to_string().as_bytes())
+    );
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(JWT_SECRET.as_bytes()).unwrap();
+    mac.update(input.as_bytes());
+    format!("{input}.{}", b64(&mac.finalize().into_bytes()))
 }

@@ -149,6 +149,21 @@ pub(crate) async fn deny(
     ApiError(StatusCode::FORBIDDEN, reason)
 }
 
+/// Refuses (403, audited) a caller without the admin role; `what` names
+/// the thing that needs it ("changing product specs").
+pub(crate) async fn require_admin(
+    s: &AppState,
+    c: &Caller,
+    action: &str,
+    target: &str,
+    what: &str,
+) -> Result<(), ApiError> {
+    if c.is_admin() {
+        return Ok(());
+    }
+    Err(deny(s, c, action, target, format!("{what} needs the admin role")).await)
+}
+
 #[utoipa::path(get, path = "/v1/products", tag = "products",
     params(("q" = Option<String>, Query, description = "Text in name or description"),
            ("domain" = Option<String>, Query), ("tag" = Option<String>, Query), ("owner" = Option<String>, Query)),

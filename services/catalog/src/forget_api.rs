@@ -19,7 +19,7 @@ use medallion_bus::erasures::{Erasure, ErasureStatus};
 use serde_json::{Map, Value, json};
 use sha2::Sha256;
 
-use crate::api::{ApiError, ApiResult, AppState, caller, deny};
+use crate::api::{ApiError, ApiResult, AppState, caller, require_admin};
 use crate::audit::{AuditRecord, ErasureRef};
 use crate::auth::Caller;
 
@@ -72,25 +72,6 @@ fn erasure_ref(e: &Erasure) -> ErasureRef {
         column: e.column.clone(),
         digest: e.digest.clone(),
     }
-}
-
-async fn require_admin(
-    s: &AppState,
-    c: &Caller,
-    action: &str,
-    target: &str,
-) -> Result<(), ApiError> {
-    if c.is_admin() {
-        return Ok(());
-    }
-    Err(deny(
-        s,
-        c,
-        action,
-        target,
-        "erasure requests need the admin role".into(),
-    )
-    .await)
 }
 
 /// A request refused as it stands (400): audited as a denial. `reason` must
@@ -168,7 +149,7 @@ pub(crate) async fn forget(
     // Who and whether an admin before the body is read: a caller without
     // the role learns nothing about products or columns.
     let c = caller(&s, &headers, "forget", &target).await?;
-    require_admin(&s, &c, "forget", &target).await?;
+    require_admin(&s, &c, "forget", &target, "an erasure request").await?;
     crate::specs_api::named_like_a_product(&d, &p)?;
     let contract = s
         .products
@@ -251,7 +232,7 @@ pub(crate) async fn get_erasure(
 ) -> ApiResult {
     let target = format!("{d}.{p}");
     let c = caller(&s, &headers, "get_erasure", &target).await?;
-    require_admin(&s, &c, "get_erasure", &target).await?;
+    require_admin(&s, &c, "get_erasure", &target, "an erasure request").await?;
     let not_found = || {
         ApiError(
             StatusCode::NOT_FOUND,
@@ -281,7 +262,7 @@ pub(crate) async fn get_erasure(
     security(("bearer" = [])))]
 pub(crate) async fn list_erasures(State(s): State<Arc<AppState>>, headers: HeaderMap) -> ApiResult {
     let c = caller(&s, &headers, "list_erasures", "*").await?;
-    require_admin(&s, &c, "list_erasures", "*").await?;
+    require_admin(&s, &c, "list_erasures", "*", "an erasure request").await?;
     let all = s.erasures.list(None).await.map_err(unavailable)?;
     let out: Vec<Value> = all.iter().rev().map(|(_, e)| public_view(e)).collect();
     s.audit

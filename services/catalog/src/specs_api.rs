@@ -15,7 +15,7 @@ use serde::Deserialize;
 use serde_json::json;
 use tracing::{error, info};
 
-use crate::api::{ApiError, ApiResult, AppState, caller, deny, visible_product};
+use crate::api::{ApiError, ApiResult, AppState, caller, require_admin, visible_product};
 use crate::audit::AuditRecord;
 use crate::auth::Caller;
 
@@ -34,25 +34,6 @@ fn write_error(target: &str, e: WriteError) -> ApiError {
         ),
         WriteError::Bus(e) => ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
     }
-}
-
-async fn require_admin(
-    s: &AppState,
-    c: &Caller,
-    action: &str,
-    target: &str,
-) -> Result<(), ApiError> {
-    if c.is_admin() {
-        return Ok(());
-    }
-    Err(deny(
-        s,
-        c,
-        action,
-        target,
-        "changing product specs needs the admin role".into(),
-    )
-    .await)
 }
 
 /// Names that cannot be a product (`..`, `>`, `*`, dots, upper case) name
@@ -141,7 +122,7 @@ pub async fn put_product(
 ) -> ApiResult {
     let target = format!("{d}.{p}");
     let c = caller(&s, &headers, "put_product", &target).await?;
-    require_admin(&s, &c, "put_product", &target).await?;
+    require_admin(&s, &c, "put_product", &target, "changing product specs").await?;
     refuse_if_managed(&s, &c, "put_product", &d, &p).await?;
     // YAML is a superset of JSON: either body is accepted.
     let new = match Contract::from_yaml(&body).await {
@@ -242,7 +223,7 @@ pub async fn delete_product(
 ) -> ApiResult {
     let target = format!("{d}.{p}");
     let c = caller(&s, &headers, "delete_product", &target).await?;
-    require_admin(&s, &c, "delete_product", &target).await?;
+    require_admin(&s, &c, "delete_product", &target, "changing product specs").await?;
     named_like_a_product(&d, &p)?;
     refuse_if_managed(&s, &c, "delete_product", &d, &p).await?;
     let key = registry::key(&d, &p);

@@ -336,17 +336,13 @@ impl ForgetJob {
             medallion_runtime::failpoint::hit("transform.forget.before_history");
             claim.report("history").await?;
             if let Some(s) = open_table(&self.lake, &silver_ref).await? {
-                let sealed = seal(&silver_ref, &s, at, IN_FLIGHT).await?;
-                out.files_deleted += sealed.files_deleted;
-                out.log_entries_deleted += sealed.log_entries_deleted;
+                count_sealed(&mut out, seal(&silver_ref, &s, at, IN_FLIGHT).await?);
             }
             for plan in &contract.gold {
                 let gold_ref = TableRef::gold(&d, &plan.name);
                 if let Some(g) = open_table(&self.lake, &gold_ref).await? {
                     let at = g.version().map(|v| v as i64).unwrap_or(0);
-                    let sealed = seal(&gold_ref, &g, at, IN_FLIGHT).await?;
-                    out.files_deleted += sealed.files_deleted;
-                    out.log_entries_deleted += sealed.log_entries_deleted;
+                    count_sealed(&mut out, seal(&gold_ref, &g, at, IN_FLIGHT).await?);
                     purge_events(&self.js, GOLD_STREAM, &gold_ref).await;
                 }
             }
@@ -355,13 +351,16 @@ impl ForgetJob {
             quarantine_at,
             open_table(&self.lake, &quarantine_ref).await?,
         ) {
-            let sealed = seal(&quarantine_ref, &q, at, IN_FLIGHT).await?;
-            out.files_deleted += sealed.files_deleted;
-            out.log_entries_deleted += sealed.log_entries_deleted;
+            count_sealed(&mut out, seal(&quarantine_ref, &q, at, IN_FLIGHT).await?);
         }
         purge_events(&self.js, SILVER_STREAM, &silver_ref).await;
         Ok(out)
     }
+}
+
+fn count_sealed(out: &mut ErasureOutcome, s: medallion_lake::erase::Sealed) {
+    out.files_deleted += s.files_deleted;
+    out.log_entries_deleted += s.log_entries_deleted;
 }
 
 /// The aggregate's app id, whose transaction version in a Gold table is the
