@@ -115,12 +115,15 @@ async def one(args, source, n):
 
 
 async def run(args):
-    source = os.path.join(os.path.expanduser(args.data_dir), "events-2000000.jsonl")
+    # The shared generator's file, as large as the largest size asked for
+    # (each size takes its first N lines).
+    total = max(2_000_000, max(int(n) for n in args.events.split(",")))
+    source = os.path.join(os.path.expanduser(args.data_dir), f"events-{total}.jsonl")
     if not os.path.exists(source):
         gen = os.path.join(HERE, "..", "..", "shared", "bench", "gen_events.py")
         os.makedirs(os.path.dirname(source), exist_ok=True)
         import subprocess
-        subprocess.run([sys.executable, gen, source, "2000000", "42"], check=True)
+        subprocess.run([sys.executable, gen, source, str(total), "42"], check=True)
     results = [await one(args, source, int(n)) for n in args.events.split(",")]
     for r in results:
         print(json.dumps(r))

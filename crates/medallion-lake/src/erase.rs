@@ -50,14 +50,18 @@ pub struct Rewritten {
     pub version: Option<i64>,
     pub files_rewritten: usize,
     pub bytes_written: u64,
+    /// What `edit` counted (rows or records removed) in the files rewritten
+    /// by the commit that landed.
+    pub removed_count: u64,
     /// The files the commit removed (they hold the subject: delete them).
     pub removed: Vec<String>,
 }
 
 /// Rewrites every current file in which `edit` changes a batch, in one
 /// commit marked with `erasure_id`. `edit` returns `None` for a batch it
-/// leaves as is; for [`RowEdit::InPlace`] a replacement must keep the row
-/// count. A concurrent commit that removed one of the same files makes
+/// leaves as is, else the replacement and how much it removed (summed into
+/// [`Rewritten::removed_count`]; a retried attempt counts afresh); for
+/// [`RowEdit::InPlace`] a replacement must keep the row count. A concurrent commit that removed one of the same files makes
 /// Delta refuse this one: the table is read again and the rewrite redone.
 pub async fn rewrite<F>(
     tref: &TableRef,
@@ -67,7 +71,7 @@ pub async fn rewrite<F>(
     mut edit: F,
 ) -> Result<Rewritten, LakeError>
 where
-    F: FnMut(&RecordBatch) -> Result<Option<RecordBatch>, LakeError>,
+    F: FnMut(&RecordBatch) -> Result<Option<(RecordBatch, u64)>, LakeError>,
 {
     let delta = |e| LakeError::delta(tref, e);
     let mut attempt = 0u32;
@@ -88,7 +92,8 @@ where
             let mut kept = Vec::with_capacity(batches.len());
             for b in batches {
                 match edit(&b)? {
-                    Some(n) => {
+                    Some((n, count)) => {
+                        out.removed_count += count;
                         if mode == RowEdit::InPlace && n.num_rows() != b.num_rows() {
                             return Err(LakeError::Erase {
                                 table: tref.to_string(),

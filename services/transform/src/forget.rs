@@ -222,15 +222,11 @@ impl ForgetJob {
         let bronze_ref = TableRef::bronze(&d, &p);
         let mut bronze_through = -1;
         if let Some(mut bronze) = open_table(&self.lake, &bronze_ref).await? {
-            let mut removed = 0u64;
             let r = rewrite(&bronze_ref, &mut bronze, &id, RowEdit::InPlace, |b| {
-                Ok(subject.erase_bronze(b).map(|(b, n)| {
-                    removed += n;
-                    b
-                }))
+                Ok(subject.erase_bronze(b))
             })
             .await?;
-            *out.rows_removed.entry("bronze".into()).or_default() += removed;
+            *out.rows_removed.entry("bronze".into()).or_default() += r.removed_count;
             out.bytes_rewritten += r.bytes_written;
             // Older files (time travel, compaction inputs, expired rows)
             // that still hold the subject; compaction recorded where their
@@ -276,15 +272,11 @@ impl ForgetJob {
         let quarantine_ref = TableRef::quarantine(&d, &p);
         let mut quarantine_at = None;
         if let Some(mut q) = open_table(&self.lake, &quarantine_ref).await? {
-            let mut removed = 0u64;
             let r = rewrite(&quarantine_ref, &mut q, &id, RowEdit::Drop, |b| {
-                Ok(subject.erase_quarantine(b).map(|(b, n)| {
-                    removed += n;
-                    b
-                }))
+                Ok(subject.erase_quarantine(b))
             })
             .await?;
-            *out.rows_removed.entry("quarantine".into()).or_default() += removed;
+            *out.rows_removed.entry("quarantine".into()).or_default() += r.removed_count;
             out.bytes_rewritten += r.bytes_written;
             quarantine_at = Some(match r.version {
                 Some(v) => v,
@@ -295,15 +287,11 @@ impl ForgetJob {
         }
         let mut silver_at = None;
         if let Some(mut s) = open_table(&self.lake, &silver_ref).await? {
-            let mut removed = 0u64;
             let r = rewrite(&silver_ref, &mut s, &id, RowEdit::Drop, |b| {
-                Ok(subject.erase_silver(b).map(|(b, n)| {
-                    removed += n;
-                    b
-                }))
+                Ok(subject.erase_silver(b))
             })
             .await?;
-            *out.rows_removed.entry("silver".into()).or_default() += removed;
+            *out.rows_removed.entry("silver".into()).or_default() += r.removed_count;
             out.bytes_rewritten += r.bytes_written;
             silver_at = match r.version {
                 Some(v) => Some(v),
