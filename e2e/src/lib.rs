@@ -411,3 +411,19 @@ pub fn unique_values(
     }
     seen
 }
+
+/// A catalog bearer token: `claims` signed HS256 with `secret` (the
+/// catalog's `MEDALLION_JWT_SECRET`).
+pub fn hs256(secret: &str, claims: &serde_json::Value) -> String {
+    use base64::Engine as _;
+    use hmac::Mac as _;
+    let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+    let input = format!(
+        "{}.{}",
+        b64(br#"{"alg":"HS256","typ":"JWT"}"#),
+        b64(claims.to_string().as_bytes())
+    );
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).expect("any key");
+    mac.update(input.as_bytes());
+    format!("{input}.{}", b64(&mac.finalize().into_bytes()))
+}

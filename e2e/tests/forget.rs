@@ -246,8 +246,10 @@ async fn a_subject_is_erased_from_every_layer_and_file_across_crashes() {
 
     // An admin asks through the CLI, which waits for the outcome while the
     // stages die around the erasure.
-    let admin =
-        hs256(&serde_json::json!({"sub": "dpo", "roles": ["admin"], "exp": 4_102_444_800u64}));
+    let admin = medallion_e2e::hs256(
+        JWT_SECRET,
+        &serde_json::json!({"sub": "dpo", "roles": ["admin"], "exp": 4_102_444_800u64}),
+    );
     let cli = std::process::Command::new(medallion_e2e::binary("medallion"))
         .args(["forget", "finance.payments", "--subject"])
         .arg(format!("user_id={SUBJECT}"))
@@ -421,17 +423,3 @@ async fn a_subject_is_erased_from_every_layer_and_file_across_crashes() {
 }
 
 const JWT_SECRET: &str = "e2e-forget-test-secret-0123456789";
-
-fn hs256(claims: &serde_json::Value) -> String {
-    use base64::Engine as _;
-    use hmac::Mac as _;
-    let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
-    let input = format!(
-        "{}.{}",
-        b64(br#"{"alg":"HS256","typ":"JWT"}"#),
-        b64(claims.to_string().as_bytes())
-    );
-    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(JWT_SECRET.as_bytes()).unwrap();
-    mac.update(input.as_bytes());
-    format!("{input}.{}", b64(&mac.finalize().into_bytes()))
-}

@@ -18,7 +18,6 @@ use std::time::{Duration, Instant};
 use arrow::array::{Array, AsArray};
 use arrow::datatypes::Int64Type;
 use futures::StreamExt;
-use hmac::Mac as _;
 use medallion_e2e::{Service, http_get, pipeline_vars, read_table, row_count as rows, stop_all};
 use medallion_testkit::{NatsServer, eventually};
 
@@ -78,19 +77,6 @@ fn gold_payments(gold: &[arrow::array::RecordBatch]) -> BTreeMap<String, i64> {
         }
     }
     out
-}
-
-fn hs256(claims: &serde_json::Value) -> String {
-    use base64::Engine as _;
-    let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
-    let input = format!(
-        "{}.{}",
-        b64(br#"{"alg":"HS256","typ":"JWT"}"#),
-        b64(claims.to_string().as_bytes())
-    );
-    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(JWT_SECRET.as_bytes()).unwrap();
-    mac.update(input.as_bytes());
-    format!("{input}.{}", b64(&mac.finalize().into_bytes()))
 }
 
 /// `medallion_dead_lettered_total{stage}` on a service's /metrics.
@@ -243,10 +229,13 @@ async fn poison_messages_are_dead_lettered_once_and_the_rest_flows() {
         dead_lettered_metric(&a_addr, "aggregate").await,
         a_poison as f64
     );
-    let token = hs256(&serde_json::json!({
-        "sub": "e2e", "roles": ["admin"],
-        "exp": std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() + 600,
-    }));
+    let token = medallion_e2e::hs256(
+        JWT_SECRET,
+        &serde_json::json!({
+            "sub": "e2e", "roles": ["admin"],
+            "exp": std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() + 600,
+        }),
+    );
     let catalog = format!(
         "http://{}/v1/products/finance/payments",
         all_vars[3]["MEDALLION_CATALOG_ADDR"]

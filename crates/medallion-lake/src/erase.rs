@@ -261,6 +261,33 @@ pub async fn unreferenced_files(
     Ok(out)
 }
 
+/// Files the table's log records as removed (safe to delete at any age:
+/// no version from now on names them).
+pub async fn tombstones(tref: &TableRef, table: &DeltaTable) -> Result<HashSet<String>, LakeError> {
+    let snapshot = table.snapshot().map_err(|e| LakeError::delta(tref, e))?;
+    let mut out = HashSet::new();
+    let mut t = snapshot.all_tombstones(table.log_store().as_ref());
+    while let Some(x) = t.next().await {
+        let x = x.map_err(|e| LakeError::delta(tref, e))?;
+        out.insert(normal_path(x.path().as_ref()).to_string());
+    }
+    Ok(out)
+}
+
+/// The newest version of the table that added or removed rows (maintenance
+/// and erasure rewrites of Bronze are not data).
+pub async fn last_data_version(tref: &TableRef, table: &DeltaTable) -> Result<i64, LakeError> {
+    let mut v = table.version().map(|v| v as i64).unwrap_or(-1);
+    while v >= 0 {
+        match crate::commits::commit_summary(tref, table, v).await? {
+            Some(c) if c.has_data() => return Ok(v),
+            Some(_) => v -= 1,
+            None => break,
+        }
+    }
+    Ok(v)
+}
+
 /// What [`seal`] removed.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Sealed {

@@ -19,7 +19,7 @@ pub use error::LakeError;
 pub use location::Lake;
 pub use writer::{
     CommitOutcome, FileInfo, TableCache, TableOptions, TableWriter, WriteMode, list_files,
-    open_table, table_schema,
+    open_table, table_schema, txn_version,
 };
 
 pub use deltalake;

@@ -133,6 +133,21 @@ fn is_missing(e: &DeltaTableError) -> bool {
     }
 }
 
+/// The last transaction version `app_id` committed to the loaded table
+/// (a stage's cursor in the table it writes).
+pub async fn txn_version(
+    tref: &TableRef,
+    table: &DeltaTable,
+    app_id: &str,
+) -> Result<Option<i64>, LakeError> {
+    table
+        .snapshot()
+        .map_err(|e| LakeError::delta(tref, e))?
+        .transaction_version(table.log_store().as_ref(), app_id)
+        .await
+        .map_err(|e| LakeError::delta(tref, e))
+}
+
 /// The Arrow schema of a loaded table.
 pub fn table_schema(tref: &TableRef, table: &DeltaTable) -> Result<SchemaRef, LakeError> {
     let snapshot = table.snapshot().map_err(|e| LakeError::delta(tref, e))?;
@@ -207,14 +222,7 @@ impl TableWriter {
     }
 
     async fn read_txn_of(&self, app_id: &str) -> Result<Option<i64>, LakeError> {
-        let snapshot = self
-            .table
-            .snapshot()
-            .map_err(|e| LakeError::delta(&self.tref, e))?;
-        snapshot
-            .transaction_version(self.table.log_store().as_ref(), app_id)
-            .await
-            .map_err(|e| LakeError::delta(&self.tref, e))
+        txn_version(&self.tref, &self.table, app_id).await
     }
 
     /// The last transaction version committed under another app id.

@@ -33,12 +33,7 @@ async fn governance_end_to_end() {
     common::init();
     let nats = NatsServer::start();
     let lake = tempfile::tempdir().unwrap();
-    let products = tempfile::tempdir().unwrap();
-    std::fs::copy(
-        concat!(env!("CARGO_MANIFEST_DIR"), "/../../products/payments.yaml"),
-        products.path().join("payments.yaml"),
-    )
-    .unwrap();
+    let products = common::payments_products();
     let client = async_nats::connect(nats.url()).await.unwrap();
     let js = async_nats::jetstream::new(client.clone());
     medallion_bus::ensure_streams(&js, &Default::default())

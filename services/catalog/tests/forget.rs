@@ -21,12 +21,7 @@ async fn forget_requests_are_admin_only_audited_by_digest_and_stored_for_the_tra
     common::init();
     let nats = NatsServer::start();
     let lake = tempfile::tempdir().unwrap();
-    let products = tempfile::tempdir().unwrap();
-    std::fs::copy(
-        concat!(env!("CARGO_MANIFEST_DIR"), "/../../products/payments.yaml"),
-        products.path().join("payments.yaml"),
-    )
-    .unwrap();
+    let products = common::payments_products();
     let (catalog, port) = start_catalog(&nats, lake.path(), products.path());
     let api = Api {
         base: format!("http://127.0.0.1:{port}"),

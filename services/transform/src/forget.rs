@@ -20,7 +20,6 @@
 //!    subject's values) and the files only they referenced are deleted.
 //! 5. The product's events on the bus (Bronze, Silver, Gold) are purged.
 
-use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -28,8 +27,10 @@ use async_nats::jetstream;
 use medallion_bus::erasures::{CLAIM_TTL, Erasure, ErasureOutcome, ErasureStatus, Erasures};
 use medallion_bus::registry::SpecSource;
 use medallion_bus::streams::{BRONZE_STREAM, GOLD_STREAM, SILVER_STREAM};
-use medallion_lake::erase::{RowEdit, delete_files, rewrite, seal, unreferenced_files};
-use medallion_lake::{Lake, LakeError, open_table};
+use medallion_lake::erase::{
+    RowEdit, delete_files, last_data_version, rewrite, seal, tombstones, unreferenced_files,
+};
+use medallion_lake::{Lake, LakeError, open_table, txn_version};
 use medallion_spec::{Contract, TableRef};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info, info_span, warn};
@@ -354,56 +355,6 @@ fn count_sealed(out: &mut ErasureOutcome, s: medallion_lake::erase::Sealed) {
 /// The aggregate's app id, whose transaction version in a Gold table is the
 /// Silver version it has folded in.
 const AGGREGATE_APP_ID: &str = "medallion-aggregate";
-
-async fn txn_version(
-    tref: &TableRef,
-    table: &deltalake::DeltaTable,
-    app_id: &str,
-) -> Result<Option<i64>, LakeError> {
-    table
-        .snapshot()
-        .map_err(|e| LakeError::delta(tref, e))?
-        .transaction_version(table.log_store().as_ref(), app_id)
-        .await
-        .map_err(|e| LakeError::delta(tref, e))
-}
-
-/// Files the table's log records as removed (safe to delete at any age).
-async fn tombstones(
-    tref: &TableRef,
-    table: &deltalake::DeltaTable,
-) -> Result<HashSet<String>, LakeError> {
-    use futures::StreamExt;
-    let snapshot = table.snapshot().map_err(|e| LakeError::delta(tref, e))?;
-    let mut out = HashSet::new();
-    let mut t = snapshot.all_tombstones(table.log_store().as_ref());
-    while let Some(x) = t.next().await {
-        let x = x.map_err(|e| LakeError::delta(tref, e))?;
-        let p = x.path();
-        out.insert(
-            object_store::path::Path::from_url_path(p.as_ref())
-                .map(|p| p.to_string())
-                .unwrap_or_else(|_| p.to_string()),
-        );
-    }
-    Ok(out)
-}
-
-/// The newest version of the table that added or removed rows.
-async fn last_data_version(
-    tref: &TableRef,
-    table: &deltalake::DeltaTable,
-) -> Result<i64, LakeError> {
-    let mut v = table.version().map(|v| v as i64).unwrap_or(-1);
-    while v >= 0 {
-        match medallion_lake::commit_summary(tref, table, v).await? {
-            Some(c) if c.has_data() => return Ok(v),
-            Some(_) => v -= 1,
-            None => break,
-        }
-    }
-    Ok(v)
-}
 
 /// Deletes the dedupe snapshots and uploaded key runs beside Silver.
 async fn delete_key_caches(silver: &deltalake::DeltaTable) -> Result<u64, LakeError> {

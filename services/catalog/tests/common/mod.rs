@@ -179,3 +179,14 @@ pub fn init() {
         .with_test_writer()
         .try_init();
 }
+
+/// A products folder holding the repository's `payments.yaml`.
+pub fn payments_products() -> tempfile::TempDir {
+    let products = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        concat!(env!("CARGO_MANIFEST_DIR"), "/../../products/payments.yaml"),
+        products.path().join("payments.yaml"),
+    )
+    .unwrap();
+    products
+}
