@@ -6,6 +6,7 @@ pub mod erase;
 mod error;
 mod location;
 pub mod maintenance;
+mod masked_table;
 mod moved;
 mod object_stores;
 pub mod query;

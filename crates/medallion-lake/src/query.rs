@@ -79,10 +79,21 @@ pub async fn session(
     grants: &[Grant],
     at: impl Into<TimeTravel>,
 ) -> Result<SessionContext, LakeError> {
-    let at = at.into();
     let config = SessionConfig::new()
         .with_information_schema(false)
         .with_create_default_catalog_and_schema(false);
+    session_with(lake, grants, at, config).await
+}
+
+/// [`session`] with the caller's own configuration (a default catalog for
+/// bare names, `information_schema` over exactly the granted tables).
+pub async fn session_with(
+    lake: &Lake,
+    grants: &[Grant],
+    at: impl Into<TimeTravel>,
+    config: SessionConfig,
+) -> Result<SessionContext, LakeError> {
+    let at = at.into();
     let ctx = SessionContext::new_with_config(config);
     for g in grants {
         let table = match at {
@@ -115,7 +126,11 @@ pub async fn session(
                     }
                 })
                 .collect();
-            df.select(exprs)?.into_view()
+            // A table to its readers: catalogs that list tables (psql `\dt`,
+            // BI tools) must not show a masked table as a view.
+            Arc::new(crate::masked_table::MaskedTable(
+                df.select(exprs)?.into_view(),
+            ))
         };
         let catalog = match ctx.catalog(g.table.layer.as_str()) {
             Some(c) => c,

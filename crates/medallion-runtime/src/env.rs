@@ -63,6 +63,13 @@ vars! {
     "MEDALLION_TOKEN", None, "cli", "Bearer token the CLI sends to the catalog";
     "MEDALLION_QUERY_ROW_LIMIT", Some("10000"), "catalog", "Most rows a query returns";
     "MEDALLION_QUERY_TIMEOUT", Some("30s"), "catalog", "Longest a query may run";
+    "MEDALLION_PG_ADDR", None, "catalog", "Postgres wire protocol address (host:port) for BI tools and psql; off unless set. The password is a catalog JWT";
+    "MEDALLION_FLIGHT_ADDR", None, "catalog", "Arrow Flight SQL address (host:port) for ADBC/JDBC clients; off unless set. Bearer or handshake with a catalog JWT";
+    "MEDALLION_SQL_TLS_CERT", None, "catalog", "PEM certificate chain for TLS on the Postgres wire and Flight SQL ports (with MEDALLION_SQL_TLS_KEY)";
+    "MEDALLION_SQL_TLS_KEY", None, "catalog", "PEM private key for MEDALLION_SQL_TLS_CERT";
+    "MEDALLION_STREAM_ROW_LIMIT", Some("100000000"), "catalog", "Most rows one Postgres wire or Flight SQL answer may stream; past it the query fails with a message";
+    "MEDALLION_STREAM_BYTE_LIMIT", Some("17179869184"), "catalog", "Most bytes (Arrow, in memory) one Postgres wire or Flight SQL answer may stream; past it the query fails with a message";
+    "MEDALLION_QUERY_CONCURRENCY", Some("8"), "catalog", "Queries one role may run at once over any protocol; one more is refused with a message";
     "MEDALLION_KUBE_CONTROLLER", Some("false"), "catalog", "Watch DataProduct custom resources (in a cluster)";
     "MEDALLION_LOG", Some("info"), "all", "Log filter (tracing EnvFilter syntax)";
     "MEDALLION_LOG_FORMAT", Some("auto"), "all", "json, text, or auto (text on a terminal)";

@@ -47,6 +47,9 @@ pub struct AppState {
     pub erasures: medallion_bus::erasures::Erasures,
     /// Keys the digest naming a subject; `None`: erasure requests are refused.
     pub erasure_key: Option<crate::forget_api::DigestKey>,
+    /// Queries running per role, over every protocol.
+    pub sql_slots: crate::sql_gate::SqlSlots,
+    pub stream_limits: crate::sql_gate::StreamLimits,
 }
 
 #[derive(OpenApi)]
@@ -520,7 +523,8 @@ const ARROW_STREAM: &str = "application/vnd.apache.arrow.stream";
     request_body(content = String, description = "{\"sql\": \"SELECT ...\", \"version\": n | \"as_of\": \"RFC 3339\"}", content_type = "application/json"),
     responses((status = 200, description = "JSON {columns, rows, row_count, truncated}, or an Arrow IPC stream with `Accept: application/vnd.apache.arrow.stream`"),
               (status = 400, description = "The engine's message"),
-              (status = 403, description = "A referenced table is not granted")),
+              (status = 403, description = "A referenced table is not granted"),
+              (status = 429, description = "The caller's role already runs MEDALLION_QUERY_CONCURRENCY queries")),
     security(("bearer" = [])))]
 async fn query(
     State(s): State<Arc<AppState>>,
@@ -604,6 +608,11 @@ async fn answer_query(
         .into_iter()
         .filter(|g| referenced.contains(&g.table.sql_name()))
         .collect();
+    // The same per-role share as the Postgres wire and Flight SQL ports.
+    let _slot = s
+        .sql_slots
+        .admit(c, s.stream_limits.per_role)
+        .map_err(|e| ApiError(StatusCode::TOO_MANY_REQUESTS, e.message))?;
     let ctx = session(&s.lake, &grants, at)
         .await
         .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.to_string()))?;

@@ -22,6 +22,10 @@ pub struct AuditRecord {
     /// The erasure request a record is about (`forget`, `get_erasure`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub erasure: Option<ErasureRef>,
+    /// How a query or a log-in arrived, when not over HTTP: `postgres`,
+    /// `flight-sql`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<String>,
 }
 
 /// An erasure request in the audit log: the subject appears only as its
@@ -51,6 +55,7 @@ impl AuditRecord {
             version,
             rows,
             erasure: None,
+            protocol: None,
         }
     }
 
@@ -65,7 +70,14 @@ impl AuditRecord {
             version: None,
             rows: None,
             erasure: None,
+            protocol: None,
         }
+    }
+
+    /// Names the protocol a record's request came by.
+    pub fn via(mut self, protocol: &str) -> Self {
+        self.protocol = Some(protocol.into());
+        self
     }
 }
 

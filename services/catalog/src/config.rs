@@ -25,6 +25,11 @@ pub struct CatalogConfig {
     pub kube_controller: bool,
     /// Keys the digest that names a data subject in erasure requests.
     pub erasure_key: Option<crate::forget_api::DigestKey>,
+    pub pg_addr: Option<SocketAddr>,
+    pub flight_addr: Option<SocketAddr>,
+    /// Certificate chain and key (PEM) for the SQL ports.
+    pub sql_tls: Option<(PathBuf, PathBuf)>,
+    pub stream_limits: crate::sql_gate::StreamLimits,
 }
 
 impl CatalogConfig {
@@ -80,7 +85,47 @@ impl CatalogConfig {
                 None
             }
         };
+        let pg_addr = env.parse(
+            "MEDALLION_PG_ADDR",
+            "a host:port address such as 0.0.0.0:5432",
+        );
+        let flight_addr = env.parse(
+            "MEDALLION_FLIGHT_ADDR",
+            "a host:port address such as 0.0.0.0:50051",
+        );
+        let sql_tls = match (
+            env.existing_file("MEDALLION_SQL_TLS_CERT"),
+            env.existing_file("MEDALLION_SQL_TLS_KEY"),
+        ) {
+            (Some(c), Some(k)) => Some((c, k)),
+            (None, None) => None,
+            (Some(_), None) => {
+                env.invalid(
+                    "MEDALLION_SQL_TLS_KEY",
+                    "MEDALLION_SQL_TLS_CERT is set: give its private key (PEM) too",
+                );
+                None
+            }
+            (None, Some(_)) => {
+                env.invalid(
+                    "MEDALLION_SQL_TLS_CERT",
+                    "MEDALLION_SQL_TLS_KEY is set: give its certificate chain (PEM) too",
+                );
+                None
+            }
+        };
+        let query_timeout = env.duration("MEDALLION_QUERY_TIMEOUT");
+        let stream_limits = crate::sql_gate::StreamLimits {
+            rows: env.usize("MEDALLION_STREAM_ROW_LIMIT", 1),
+            bytes: env.usize("MEDALLION_STREAM_BYTE_LIMIT", 1),
+            timeout: query_timeout,
+            per_role: env.usize("MEDALLION_QUERY_CONCURRENCY", 1),
+        };
         CatalogConfig {
+            pg_addr,
+            flight_addr,
+            sql_tls,
+            stream_limits,
             nats: NatsSettings::from_env(env, "medallion-catalog"),
             lake: Lake::from_env(env),
             addr: env.socket_addr("MEDALLION_CATALOG_ADDR"),
@@ -90,7 +135,7 @@ impl CatalogConfig {
                 .unwrap_or_else(|| PathBuf::from("./products")),
             verifier,
             row_limit: env.usize("MEDALLION_QUERY_ROW_LIMIT", 1),
-            query_timeout: env.duration("MEDALLION_QUERY_TIMEOUT"),
+            query_timeout,
             compact_target_bytes: env.usize("MEDALLION_COMPACT_TARGET_BYTES", 1 << 20) as u64,
             reload_interval: env.duration("MEDALLION_RELOAD_INTERVAL"),
             kube_controller: env.bool("MEDALLION_KUBE_CONTROLLER"),

@@ -12,14 +12,18 @@ pub mod audit;
 pub mod auth;
 pub mod config;
 pub mod dead_letters;
+pub mod flight_sql;
 pub mod forget_api;
 pub mod kube;
 pub mod openlineage;
+pub mod pg_wire;
 mod pipeline_api;
 pub mod quality;
 pub mod seed;
 mod service;
 mod specs_api;
+pub mod sql_gate;
+pub mod sql_tls;
 mod stream_fold;
 
 pub use config::CatalogConfig;

@@ -54,6 +54,8 @@ pub async fn run(config: CatalogConfig, rt: Runtime) -> anyhow::Result<()> {
         compact_target_bytes: config.compact_target_bytes,
         erasures,
         erasure_key: config.erasure_key.clone(),
+        sql_slots: Default::default(),
+        stream_limits: config.stream_limits,
     });
     state.seed_from_folder().await;
     state.sync().await;
@@ -61,6 +63,7 @@ pub async fn run(config: CatalogConfig, rt: Runtime) -> anyhow::Result<()> {
         start_kube_controller(&state, &rt).await?;
     }
     let addr = rt.serve_http(config.addr, router(state.clone())).await?;
+    start_sql_ports(&config, &state, &rt).await?;
     info!(%addr, products = %config.products.display(), "catalog started");
     rt.health.set_started();
     let mut tick = tokio::time::interval(config.reload_interval);
@@ -75,6 +78,44 @@ pub async fn run(config: CatalogConfig, rt: Runtime) -> anyhow::Result<()> {
         }
     }
     medallion_bus::flush_for_shutdown(&client, std::time::Duration::from_secs(5)).await;
+    Ok(())
+}
+
+/// The Postgres wire and Flight SQL endpoints, each on its own port when
+/// configured. Bound here so a taken port fails the start.
+async fn start_sql_ports(
+    config: &CatalogConfig,
+    state: &Arc<AppState>,
+    rt: &Runtime,
+) -> anyhow::Result<()> {
+    let tls = match &config.sql_tls {
+        Some((cert, key)) => Some(crate::sql_tls::SqlTls::load(cert, key)?),
+        None => None,
+    };
+    if let Some(addr) = config.pg_addr {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("MEDALLION_PG_ADDR: binding {addr}"))?;
+        info!(addr = %listener.local_addr()?, tls = tls.is_some(), "postgres wire endpoint listening");
+        tokio::spawn(crate::pg_wire::serve(
+            state.clone(),
+            listener,
+            tls.clone(),
+            rt.shutdown.clone(),
+        ));
+    }
+    if let Some(addr) = config.flight_addr {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("MEDALLION_FLIGHT_ADDR: binding {addr}"))?;
+        info!(addr = %listener.local_addr()?, tls = tls.is_some(), "flight sql endpoint listening");
+        tokio::spawn(crate::flight_sql::serve(
+            state.clone(),
+            listener,
+            tls,
+            rt.shutdown.clone(),
+        ));
+    }
     Ok(())
 }
 

@@ -1,0 +1,167 @@
+//! BI access as users reach it: the real pipeline fills `finance.payments`,
+//! the real catalog binary serves its Postgres wire and Flight SQL ports
+//! over TLS (a certificate made here with openssl), and real clients —
+//! psql, psycopg 3, the ADBC Flight SQL driver, Polars — connect with
+//! catalog tokens. The clients' checks live in `e2e/clients/*.py` (roles,
+//! masks, refusals, timeouts, audit, equality with the HTTP API); this test
+//! starts the platform, runs them and fails with their output.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use medallion_e2e::{Service, gold_payments, hs256, pipeline_vars, read_table, row_count};
+use medallion_testkit::{NatsServer, eventually, free_port};
+use serde_json::json;
+
+const SECRET: &str = "e2e-bi-access-secret-0123456789abcdef-0123";
+
+fn token(sub: &str, roles: &[&str]) -> String {
+    let exp = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 3600;
+    hs256(SECRET, &json!({"sub": sub, "roles": roles, "exp": exp}))
+}
+
+/// A self-signed certificate for localhost and 127.0.0.1.
+fn certificate(dir: &Path) -> (String, String) {
+    let (cert, key) = (dir.join("sql.crt"), dir.join("sql.key"));
+    let out = Command::new("openssl")
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+        ])
+        .args(["-subj", "/CN=localhost"])
+        .args(["-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("openssl runs");
+    assert!(
+        out.status.success(),
+        "openssl: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (cert.display().to_string(), key.display().to_string())
+}
+
+fn run_client(script: &str, env: &BTreeMap<&str, String>, services: &[Service]) {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/clients/").to_string() + script;
+    let out = Command::new("python3")
+        .arg(&path)
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .output()
+        .expect("python3 runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    println!("{script}:\n{stdout}");
+    assert!(
+        out.status.success(),
+        "{script} failed:\n{stdout}\n{}\n--- services ---\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        medallion_e2e::services_logs(services)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bi_clients_read_gold_under_the_same_rules() {
+    let nats = NatsServer::start();
+    let root = tempfile::tempdir().unwrap();
+    let logs = tempfile::tempdir().unwrap();
+    let lake = root.path().join("lake");
+    std::fs::create_dir_all(&lake).unwrap();
+    let (cert, key) = certificate(root.path());
+
+    let names = [
+        "medallion-ingest",
+        "medallion-transform",
+        "medallion-aggregate",
+        "medallion-catalog",
+    ];
+    let mut vars: Vec<BTreeMap<String, String>> = [
+        "MEDALLION_INGEST_ADDR",
+        "MEDALLION_TRANSFORM_ADDR",
+        "MEDALLION_AGGREGATE_ADDR",
+        "MEDALLION_CATALOG_ADDR",
+    ]
+    .iter()
+    .map(|a| {
+        let mut v = pipeline_vars(&nats.url(), &lake, a);
+        v.insert("OTEL_SDK_DISABLED".into(), "true".into());
+        v
+    })
+    .collect();
+    let (pg_port, flight_port) = (free_port(), free_port());
+    for (k, v) in [
+        ("MEDALLION_JWT_SECRET", SECRET.to_string()),
+        ("MEDALLION_PG_ADDR", format!("127.0.0.1:{pg_port}")),
+        ("MEDALLION_FLIGHT_ADDR", format!("127.0.0.1:{flight_port}")),
+        ("MEDALLION_SQL_TLS_CERT", cert.clone()),
+        ("MEDALLION_SQL_TLS_KEY", key),
+        ("MEDALLION_QUERY_TIMEOUT", "20s".into()),
+    ] {
+        vars[3].insert(k.into(), v);
+    }
+    let catalog_addr = vars[3]["MEDALLION_CATALOG_ADDR"].clone();
+    let (mut services, js) =
+        medallion_e2e::start_services(&names, &vars, logs.path(), nats.url()).await;
+
+    // 200 payments over two commits of Silver at least (so version 1 is
+    // not the latest); 8 with amount 0 go to quarantine.
+    let payments: Vec<String> = (0..200)
+        .map(|i| {
+            let amount = if i % 25 == 0 { 0 } else { i % 50 + 1 };
+            format!(
+                r#"{{"event_id":"p{i}","ts":"2026-11-29T0{}:00:00Z","user_id":"user-{}","amount":{amount},"currency":"EUR","country":"{}"}}"#,
+                i % 3,
+                i % 7,
+                ["FR", "DE"][i % 2]
+            )
+        })
+        .collect();
+    for (n, chunk) in payments.chunks(100).enumerate() {
+        js.publish("medallion.ingest.finance.payments", chunk.join("\n").into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        if n == 0 {
+            eventually(
+                Duration::from_secs(120),
+                "the first half in silver",
+                || async { row_count(&read_table(&lake, "silver.finance.payments").await) > 0 },
+            )
+            .await;
+        }
+    }
+    let silver_rows = 192;
+    eventually(
+        Duration::from_secs(120),
+        "gold holds every payment",
+        || async { gold_payments(&lake).await == silver_rows },
+    )
+    .await;
+
+    let env: BTreeMap<&str, String> = [
+        ("PG_PORT", pg_port.to_string()),
+        ("FLIGHT_URI", format!("grpc+tls://localhost:{flight_port}")),
+        ("TLS_ROOT_CERT", cert),
+        ("CATALOG_URL", format!("http://{catalog_addr}")),
+        ("TOKEN_ADMIN", token("ada", &["admin"])),
+        ("TOKEN_ANALYST", token("alan", &["analyst"])),
+        ("TOKEN_AUDITOR", token("grace", &["auditor"])),
+        ("EXPECT_SILVER_ROWS", silver_rows.to_string()),
+    ]
+    .into_iter()
+    .collect();
+    run_client("pg_client.py", &env, &services);
+    run_client("flight_sql_client.py", &env, &services);
+
+    for s in services.iter_mut() {
+        assert!(s.is_running(), "a service exited:\n{}", s.logs());
+    }
+    medallion_e2e::stop_all(&mut services);
+}
