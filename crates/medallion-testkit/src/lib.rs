@@ -25,8 +25,26 @@ pub fn nats_server_binary() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("nats-server"))
 }
 
-/// A TCP port nobody listens on right now.
+/// A TCP port nobody listens on right now, taken below the kernel's
+/// ephemeral range: a service is often handed its port seconds before it
+/// binds it (after it reached NATS), and a port from the ephemeral range
+/// could meanwhile become the local end of some outgoing connection.
 pub fn free_port() -> u16 {
+    use std::hash::{BuildHasher, RandomState};
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    if ephemeral_low > 11_000 {
+        let span = u64::from(ephemeral_low - 10_000);
+        let random = RandomState::new();
+        for attempt in 0u64..500 {
+            let port = 10_000 + (random.hash_one(attempt) % span) as u16;
+            if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                return port;
+            }
+        }
+    }
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
