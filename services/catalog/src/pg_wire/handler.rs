@@ -66,7 +66,7 @@ impl Queries {
             parser: Arc::new(Parser {
                 conn,
                 sql: PostgresCompatibilityParser::new(),
-                last_parsed: std::sync::Mutex::new(None),
+                recent: Default::default(),
             }),
         }
     }
@@ -75,23 +75,9 @@ impl Queries {
 pub(crate) struct Parser {
     conn: Arc<Connection>,
     sql: PostgresCompatibilityParser,
-    /// The statement planned at the last Parse, for the Execute that
-    /// drivers send right behind it (psycopg, JDBC): planning opens every
-    /// table the statement reads, and doing it twice doubled a small
-    /// query's latency.
-    last_parsed: std::sync::Mutex<Option<LastParsed>>,
+    /// Plans made at Parse, for the Execute drivers send right behind it.
+    recent: sql_gate::RecentPlans,
 }
-
-struct LastParsed {
-    sql: String,
-    at: TimeTravel,
-    when: std::time::Instant,
-    planned: sql_gate::Planned,
-}
-
-/// How long a plan made at Parse may serve its Execute: tables stay as
-/// fresh as a statement planned at Execute, within this.
-const REUSE_PLAN_FOR: std::time::Duration = std::time::Duration::from_secs(1);
 
 fn session_hooks() -> [Arc<dyn QueryHook>; 2] {
     [Arc::new(SetShowHook), Arc::new(TransactionStatementHook)]
@@ -235,22 +221,6 @@ impl Parser {
         .map_err(gate_error)
     }
 
-    fn take_parsed<C: ClientInfo + ?Sized>(
-        &self,
-        client: &C,
-        st: &Statement,
-    ) -> Option<sql_gate::Planned> {
-        let mut last = self.last_parsed.lock().ok()?;
-        let sql = st.to_string();
-        let at = self.scope(client).at;
-        match last.take() {
-            Some(p) if p.sql == sql && p.at == at && p.when.elapsed() < REUSE_PLAN_FOR => {
-                Some(p.planned)
-            }
-            _ => None,
-        }
-    }
-
     /// Plans and runs one query, streaming its rows as they come.
     async fn run<C: ClientInfo + ?Sized>(
         &self,
@@ -259,7 +229,10 @@ impl Parser {
         decode_params: Option<&ParamDecoder<'_>>,
         format: &Format,
     ) -> PgWireResult<QueryResponse> {
-        let planned = match self.take_parsed(client, &st) {
+        let reused = self
+            .recent
+            .take(&self.caller()?.user, &st.to_string(), self.scope(client).at);
+        let planned = match reused {
             Some(p) => p,
             None => self.plan(client, st).await?,
         };
@@ -396,18 +369,10 @@ impl QueryParser for Parser {
             }
         }
         // Planned now for the statement's description (parameter and result
-        // types); an Execute more than REUSE_PLAN_FOR later plans again.
+        // types); an Execute more than RecentPlans::FRESH_FOR later plans again.
         let planned = self.plan(client, st.clone()).await?;
-        let plan = planned.plan.clone();
-        if let Ok(mut last) = self.last_parsed.lock() {
-            *last = Some(LastParsed {
-                sql: st.to_string(),
-                at: planned.at,
-                when: std::time::Instant::now(),
-                planned,
-            });
-        }
-        Ok(Some((text, Some((st, plan)))))
+        self.recent.put(&self.caller()?.user, &planned);
+        Ok(Some((text, Some((st, planned.plan)))))
     }
 
     fn get_parameter_types(&self, stmt: &Self::Statement) -> PgWireResult<Vec<Type>> {
