@@ -151,6 +151,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 "catalog: http://{}   admin token (valid 30 days, for this run's secret):\n  export MEDALLION_TOKEN={}",
                 platform.catalog_addr, platform.admin_token
             );
+            // The token rides in the fragment, which the browser never sends;
+            // the page moves it to sessionStorage and out of the address bar.
+            println!(
+                "explorer: http://{}/#token={}",
+                platform.catalog_addr, platform.admin_token
+            );
             println!(
                 "publish with: medallion publish <domain>.<product> --file events.ndjson   (Ctrl-C stops)"
             );

@@ -99,10 +99,12 @@ pub fn router(state: Arc<AppState>) -> Router {
         .with_state(state)
         .split_for_parts();
     let doc = Arc::new(doc);
-    router.route(
-        "/v1/openapi.json",
-        get(move || async move { Json(doc.as_ref().clone()) }),
-    )
+    router
+        .route(
+            "/v1/openapi.json",
+            get(move || async move { Json(doc.as_ref().clone()) }),
+        )
+        .merge(crate::web::router())
 }
 
 pub(crate) struct ApiError(pub StatusCode, pub String);

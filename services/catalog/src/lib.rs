@@ -25,6 +25,7 @@ mod specs_api;
 pub mod sql_gate;
 pub mod sql_tls;
 mod stream_fold;
+mod web;
 
 pub use config::CatalogConfig;
 pub use service::run;
