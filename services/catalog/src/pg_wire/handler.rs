@@ -10,7 +10,6 @@
 //! `SET medallion.version = DEFAULT` goes back to the latest version.
 
 use std::fmt::Debug;
-use std::iter;
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -264,15 +263,26 @@ impl Parser {
         let options = Arc::new(FormatOptions::from_client_metadata(client.metadata()));
         let fields = Arc::new(arrow_schema_to_pg_fields(&schema, format, Some(options))?);
         let row_fields = fields.clone();
+        // Formatting values as text is most of a large answer's cost (a
+        // connection is one task): batches are encoded on the blocking pool,
+        // several at once, in order, while earlier rows are being sent.
+        let ahead = std::thread::available_parallelism().map_or(2, |n| n.get());
         let rows = batches
             .map(move |batch| {
-                let rows: Box<dyn Iterator<Item = PgWireResult<DataRow>> + Send + Sync> =
-                    match batch {
-                        Ok(b) => encode_recordbatch(row_fields.clone(), b),
-                        Err(e) => Box::new(iter::once(Err(gate_error(e)))),
+                let fields = row_fields.clone();
+                async move {
+                    let rows: Vec<PgWireResult<DataRow>> = match batch {
+                        Ok(b) => tokio::task::spawn_blocking(move || {
+                            encode_recordbatch(fields, b).collect()
+                        })
+                        .await
+                        .unwrap_or_else(|e| vec![Err(invalid(format!("encoding rows: {e}")))]),
+                        Err(e) => vec![Err(gate_error(e))],
                     };
-                futures::stream::iter(rows)
+                    futures::stream::iter(rows)
+                }
             })
+            .buffered(ahead)
             .flatten();
         Ok(QueryResponse::new(fields, rows))
     }
