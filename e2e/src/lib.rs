@@ -164,6 +164,32 @@ pub fn pipeline_vars(nats_url: &str, lake: &Path, addr_var: &str) -> BTreeMap<St
     .collect()
 }
 
+/// The four services of a whole platform, in the order they start.
+pub const PLATFORM: [&str; 4] = [
+    "medallion-ingest",
+    "medallion-transform",
+    "medallion-aggregate",
+    "medallion-catalog",
+];
+
+/// [`pipeline_vars`] for each of [`PLATFORM`], telemetry off; the catalog's
+/// last, for the caller to add its secret and ports.
+pub fn platform_vars(nats_url: &str, lake: &Path) -> Vec<BTreeMap<String, String>> {
+    [
+        "MEDALLION_INGEST_ADDR",
+        "MEDALLION_TRANSFORM_ADDR",
+        "MEDALLION_AGGREGATE_ADDR",
+        "MEDALLION_CATALOG_ADDR",
+    ]
+    .iter()
+    .map(|a| {
+        let mut v = pipeline_vars(nats_url, lake, a);
+        v.insert("OTEL_SDK_DISABLED".into(), "true".into());
+        v
+    })
+    .collect()
+}
+
 /// Every service's log, headed by its name: the context of a failed wait.
 pub fn services_logs(services: &[Service]) -> String {
     services
@@ -426,4 +452,48 @@ pub fn hs256(secret: &str, claims: &serde_json::Value) -> String {
     let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).expect("any key");
     mac.update(input.as_bytes());
     format!("{input}.{}", b64(&mac.finalize().into_bytes()))
+}
+
+/// Payment `i` of the sample the BI and explorer tests share: its ndjson
+/// line, whether it passes finance.payments' expectations (every 25th has
+/// amount 0 and is quarantined), and its country (FR or DE).
+pub fn sample_payment(i: usize) -> (String, bool, &'static str) {
+    let amount = if i % 25 == 0 { 0 } else { i % 50 + 1 };
+    let country = ["FR", "DE"][i % 2];
+    (
+        format!(
+            r#"{{"event_id":"p{i}","ts":"2026-11-29T0{}:00:00Z","user_id":"user-{}","amount":{amount},"currency":"EUR","country":"{country}"}}"#,
+            i % 3,
+            i % 7
+        ),
+        amount > 0,
+        country,
+    )
+}
+
+/// Publishes sample payments 0..200 to finance.payments in two messages,
+/// the second once the first is in Silver (so Silver has an older version
+/// to travel to); returns them.
+pub async fn publish_sample_payments(
+    js: &async_nats::jetstream::Context,
+    lake: &Path,
+) -> Vec<(String, bool, &'static str)> {
+    let all: Vec<_> = (0..200).map(sample_payment).collect();
+    for (n, chunk) in all.chunks(100).enumerate() {
+        let body: Vec<&str> = chunk.iter().map(|(l, _, _)| l.as_str()).collect();
+        js.publish("medallion.ingest.finance.payments", body.join("\n").into())
+            .await
+            .expect("publish")
+            .await
+            .expect("stored");
+        if n == 0 {
+            medallion_testkit::eventually(
+                std::time::Duration::from_secs(120),
+                "the first half in silver",
+                || async { row_count(&read_table(lake, "silver.finance.payments").await) > 0 },
+            )
+            .await;
+        }
+    }
+    all
 }

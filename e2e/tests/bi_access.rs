@@ -11,7 +11,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use medallion_e2e::{Service, gold_payments, hs256, pipeline_vars, read_table, row_count};
+use medallion_e2e::{Service, gold_payments, hs256};
 use medallion_testkit::{NatsServer, eventually, free_port};
 use serde_json::json;
 
@@ -75,25 +75,8 @@ async fn bi_clients_read_gold_under_the_same_rules() {
     std::fs::create_dir_all(&lake).unwrap();
     let (cert, key) = certificate(root.path());
 
-    let names = [
-        "medallion-ingest",
-        "medallion-transform",
-        "medallion-aggregate",
-        "medallion-catalog",
-    ];
-    let mut vars: Vec<BTreeMap<String, String>> = [
-        "MEDALLION_INGEST_ADDR",
-        "MEDALLION_TRANSFORM_ADDR",
-        "MEDALLION_AGGREGATE_ADDR",
-        "MEDALLION_CATALOG_ADDR",
-    ]
-    .iter()
-    .map(|a| {
-        let mut v = pipeline_vars(&nats.url(), &lake, a);
-        v.insert("OTEL_SDK_DISABLED".into(), "true".into());
-        v
-    })
-    .collect();
+    let names = medallion_e2e::PLATFORM;
+    let mut vars = medallion_e2e::platform_vars(&nats.url(), &lake);
     let (pg_port, flight_port) = (free_port(), free_port());
     for (k, v) in [
         ("MEDALLION_JWT_SECRET", SECRET.to_string()),
@@ -109,34 +92,8 @@ async fn bi_clients_read_gold_under_the_same_rules() {
     let (mut services, js) =
         medallion_e2e::start_services(&names, &vars, logs.path(), nats.url()).await;
 
-    // 200 payments over two commits of Silver at least (so version 1 is
-    // not the latest); 8 with amount 0 go to quarantine.
-    let payments: Vec<String> = (0..200)
-        .map(|i| {
-            let amount = if i % 25 == 0 { 0 } else { i % 50 + 1 };
-            format!(
-                r#"{{"event_id":"p{i}","ts":"2026-11-29T0{}:00:00Z","user_id":"user-{}","amount":{amount},"currency":"EUR","country":"{}"}}"#,
-                i % 3,
-                i % 7,
-                ["FR", "DE"][i % 2]
-            )
-        })
-        .collect();
-    for (n, chunk) in payments.chunks(100).enumerate() {
-        js.publish("medallion.ingest.finance.payments", chunk.join("\n").into())
-            .await
-            .unwrap()
-            .await
-            .unwrap();
-        if n == 0 {
-            eventually(
-                Duration::from_secs(120),
-                "the first half in silver",
-                || async { row_count(&read_table(&lake, "silver.finance.payments").await) > 0 },
-            )
-            .await;
-        }
-    }
+    // 8 of the 200 are quarantined.
+    medallion_e2e::publish_sample_payments(&js, &lake).await;
     let silver_rows = 192;
     eventually(
         Duration::from_secs(120),

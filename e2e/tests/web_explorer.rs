@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use medallion_e2e::{gold_payments, hs256, pipeline_vars, read_table, row_count};
+use medallion_e2e::{gold_payments, hs256};
 use medallion_testkit::{NatsServer, eventually};
 use serde_json::json;
 
@@ -48,46 +48,14 @@ async fn the_explorer_shows_each_role_what_the_api_grants() {
     let lake = root.path().join("lake");
     std::fs::create_dir_all(&lake).unwrap();
 
-    let names = [
-        "medallion-ingest",
-        "medallion-transform",
-        "medallion-aggregate",
-        "medallion-catalog",
-    ];
-    let mut vars: Vec<BTreeMap<String, String>> = [
-        "MEDALLION_INGEST_ADDR",
-        "MEDALLION_TRANSFORM_ADDR",
-        "MEDALLION_AGGREGATE_ADDR",
-        "MEDALLION_CATALOG_ADDR",
-    ]
-    .iter()
-    .map(|a| {
-        let mut v = pipeline_vars(&nats.url(), &lake, a);
-        v.insert("OTEL_SDK_DISABLED".into(), "true".into());
-        v
-    })
-    .collect();
+    let names = medallion_e2e::PLATFORM;
+    let mut vars = medallion_e2e::platform_vars(&nats.url(), &lake);
     vars[3].insert("MEDALLION_JWT_SECRET".into(), SECRET.into());
     let catalog_addr = vars[3]["MEDALLION_CATALOG_ADDR"].clone();
     let (mut services, js) =
         medallion_e2e::start_services(&names, &vars, logs.path(), nats.url()).await;
 
-    // 200 payments in two messages, so Silver has several versions to
-    // travel to; every 25th has amount 0 and goes to quarantine.
-    let payment = |i: usize| {
-        let amount = if i % 25 == 0 { 0 } else { i % 50 + 1 };
-        let country = ["FR", "DE"][i % 2];
-        (
-            format!(
-                r#"{{"event_id":"p{i}","ts":"2026-11-29T0{}:00:00Z","user_id":"user-{}","amount":{amount},"currency":"EUR","country":"{country}"}}"#,
-                i % 3,
-                i % 7
-            ),
-            amount > 0,
-            country,
-        )
-    };
-    let all: Vec<_> = (0..200).map(payment).collect();
+    let all = medallion_e2e::publish_sample_payments(&js, &lake).await;
     let mut by_country = BTreeMap::<&str, usize>::new();
     for (_, kept, country) in &all {
         if *kept {
@@ -95,22 +63,6 @@ async fn the_explorer_shows_each_role_what_the_api_grants() {
         }
     }
     let silver_rows: usize = by_country.values().sum();
-    for (n, chunk) in all.chunks(100).enumerate() {
-        let body: Vec<&str> = chunk.iter().map(|(l, _, _)| l.as_str()).collect();
-        js.publish("medallion.ingest.finance.payments", body.join("\n").into())
-            .await
-            .unwrap()
-            .await
-            .unwrap();
-        if n == 0 {
-            eventually(
-                Duration::from_secs(120),
-                "the first half in silver",
-                || async { row_count(&read_table(&lake, "silver.finance.payments").await) > 0 },
-            )
-            .await;
-        }
-    }
     eventually(
         Duration::from_secs(120),
         "gold holds every payment",

@@ -581,14 +581,7 @@ async fn answer_query(
         ),
         (None, None) => TimeTravel::Latest,
     };
-    let grants: Vec<Grant> = {
-        let products = s.products.read().await;
-        products
-            .contracts
-            .values()
-            .flat_map(|contract| grants_for(c, contract))
-            .collect()
-    };
+    let grants = crate::sql_gate::grants(s, c).await;
     // Name the table the caller may not read instead of "not found".
     let referenced =
         referenced_tables(&req.sql).map_err(|e| ApiError(StatusCode::BAD_REQUEST, e))?;

@@ -15,80 +15,18 @@ use arrow_flight::sql::{CommandGetDbSchemas, CommandGetTables};
 use bytes::Bytes;
 use futures::TryStreamExt;
 use medallion_catalog::auth::mint_hs256;
-use medallion_runtime::{EnvReader, Runtime};
 use medallion_testkit::{NatsServer, eventually, free_port};
 use serde_json::Value;
 use tonic::transport::Channel;
 
 mod common;
-use common::{Api, SECRET, vars};
+use common::{Api, SECRET};
 
 const GOLD: &str = "gold.finance.revenue_by_country_hourly";
 const SILVER: &str = "silver.finance.payments";
 const QUARANTINE: &str = "silver.finance.payments__quarantine";
 const BRONZE: &str = "bronze.finance.payments";
 const GOOD_ROWS: usize = 120;
-
-/// Ingest, transform and aggregate, then the catalog with a Flight SQL
-/// port (plain TCP: TLS is the e2e's).
-fn start(
-    nats: &NatsServer,
-    lake: &std::path::Path,
-    products: &std::path::Path,
-) -> (Vec<Runtime>, u16, u16) {
-    let mut runtimes = Vec::new();
-    macro_rules! start {
-        ($krate:ident, $cfg:ident, $name:literal, $addr:literal) => {{
-            let mut r = EnvReader::from_map(vars(nats, lake, products, $addr, 0));
-            let c = $krate::$cfg::from_env(&mut r);
-            r.finish().unwrap();
-            let rt = Runtime::new($name);
-            let fut = $krate::run(c, rt.clone());
-            tokio::spawn(async move {
-                if let Err(e) = fut.await {
-                    panic!("{} stopped: {e:#}", $name);
-                }
-            });
-            runtimes.push(rt);
-        }};
-    }
-    start!(
-        medallion_ingest,
-        IngestConfig,
-        "medallion-ingest",
-        "MEDALLION_INGEST_ADDR"
-    );
-    start!(
-        medallion_transform,
-        TransformConfig,
-        "medallion-transform",
-        "MEDALLION_TRANSFORM_ADDR"
-    );
-    start!(
-        medallion_aggregate,
-        AggregateConfig,
-        "medallion-aggregate",
-        "MEDALLION_AGGREGATE_ADDR"
-    );
-    let (http, flight) = (free_port(), free_port());
-    let mut env = vars(nats, lake, products, "MEDALLION_CATALOG_ADDR", http);
-    env.insert(
-        "MEDALLION_FLIGHT_ADDR".into(),
-        format!("127.0.0.1:{flight}"),
-    );
-    let mut r = EnvReader::from_map(env);
-    let c = medallion_catalog::CatalogConfig::from_env(&mut r);
-    r.finish().unwrap();
-    let catalog = Runtime::new("medallion-catalog");
-    let fut = medallion_catalog::run(c, catalog.clone());
-    tokio::spawn(async move {
-        if let Err(e) = fut.await {
-            panic!("medallion-catalog stopped: {e:#}");
-        }
-    });
-    runtimes.push(catalog);
-    (runtimes, http, flight)
-}
 
 async fn client(port: u16, token: Option<&str>) -> FlightSqlServiceClient<Channel> {
     let channel = Channel::from_shared(format!("http://127.0.0.1:{port}"))
@@ -169,7 +107,15 @@ async fn flight_sql_serves_grants_masks_prepared_statements_and_audits_refusals(
     medallion_bus::ensure_streams(&js, &Default::default())
         .await
         .unwrap();
-    let (_runtimes, http, flight) = start(&nats, lake.path(), products.path());
+    // The catalog with a Flight SQL port (plain TCP: TLS is the e2e's).
+    let flight = free_port();
+    let (_runtimes, _catalog, http) = common::start_platform_with(
+        &nats,
+        lake.path(),
+        products.path(),
+        &[("MEDALLION_FLIGHT_ADDR", format!("127.0.0.1:{flight}"))],
+    )
+    .await;
 
     // 120 good rows over 3 hours and 2 countries, and 5 that the
     // positive_amount expectation sends to quarantine.

@@ -90,6 +90,16 @@ pub async fn start_platform(
     lake: &Path,
     products: &Path,
 ) -> (Vec<Runtime>, Runtime, u16) {
+    start_platform_with(nats, lake, products, &[]).await
+}
+
+/// [`start_platform`] with more catalog settings (`MEDALLION_FLIGHT_ADDR`, …).
+pub async fn start_platform_with(
+    nats: &NatsServer,
+    lake: &Path,
+    products: &Path,
+    catalog_vars: &[(&str, String)],
+) -> (Vec<Runtime>, Runtime, u16) {
     let mut runtimes = Vec::new();
     macro_rules! start {
         ($krate:ident, $cfg:ident, $name:literal, $addr:literal) => {{
@@ -126,7 +136,9 @@ pub async fn start_platform(
         "MEDALLION_AGGREGATE_ADDR"
     );
     let port = free_port();
-    let mut r = EnvReader::from_map(vars(nats, lake, products, "MEDALLION_CATALOG_ADDR", port));
+    let mut env = vars(nats, lake, products, "MEDALLION_CATALOG_ADDR", port);
+    env.extend(catalog_vars.iter().map(|(k, v)| (k.to_string(), v.clone())));
+    let mut r = EnvReader::from_map(env);
     let c = medallion_catalog::CatalogConfig::from_env(&mut r);
     r.finish().unwrap();
     let catalog = Runtime::new("medallion-catalog");
