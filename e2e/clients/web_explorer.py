@@ -269,6 +269,17 @@ def run(browser):
         check(want in text, f"the product page shows {want!r}")
     check(page.locator(".layer-block h3").all_inner_texts() == ["Bronze", "Silver", "Gold"], "admin's product page lists every layer")
     check(page.locator("[data-count=quarantined]").inner_text() == str(QUARANTINED), "quality counts the quarantined rows")
+    per_hour = {k: sum(int(v) for v in page.locator(f"svg.quality rect.bar.{k}").evaluate_all("rs => rs.map(r => r.dataset.value)"))
+                for k in ["rows_in", "rows_out", "quarantined"]}
+    check(per_hour == {"rows_in": 200, "rows_out": 200 - QUARANTINED, "quarantined": QUARANTINED},
+          f"quality over time: the hourly bars add up to the totals {per_hour}")
+    page.locator("details[data-history='silver.finance.payments'] summary").click()
+    until(page, "() => document.querySelectorAll(\"details[data-history='silver.finance.payments'] tbody tr\").length >= 2",
+          "the silver table's commits")
+    added = page.locator("details[data-history='silver.finance.payments'] tbody tr").evaluate_all(
+        "rs => rs.map(r => Number(r.children[3].textContent.replace(/[^0-9]/g, '')))")
+    check(sum(added) == 200 - QUARANTINED and len([a for a in added if a > 0]) >= 2,
+          f"the silver table's history: commits adding {added} rows")
     shot(page, "2-product", full=True)
 
     go(page, "#/lineage/finance/payments")

@@ -357,3 +357,79 @@ mod tests {
         assert_eq!(batch_rows(std::iter::empty()), 64 * 1024);
     }
 }
+
+/// One entry of a table's history, as its readers see it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct HistoryEntry {
+    pub version: i64,
+    /// Commit time, ms since the epoch.
+    pub timestamp_ms: Option<i64>,
+    pub operation: Option<String>,
+    /// Rows in the files added with `dataChange` (maintenance moves rows
+    /// without changing them, and counts none). A remove carries no row
+    /// count, so removals are counted in files.
+    pub rows_added: u64,
+    pub files_added: usize,
+    pub files_removed: usize,
+    /// The maintenance job (`compact`, `expire`, …), if it was one.
+    pub maintenance: Option<String>,
+}
+
+/// The newest `limit` log entries still present, newest first.
+pub async fn history(
+    tref: &TableRef,
+    table: &DeltaTable,
+    limit: usize,
+) -> Result<Vec<HistoryEntry>, LakeError> {
+    let Some(latest) = table.version().map(|v| v as i64) else {
+        return Ok(Vec::new());
+    };
+    let rows_of = |stats: &Option<String>| {
+        stats
+            .as_deref()
+            .and_then(|s| serde_json::from_str::<serde_json::Value>(s).ok())
+            .and_then(|v| v["numRecords"].as_u64())
+            .unwrap_or(0)
+    };
+    let mut out = Vec::new();
+    let mut v = latest;
+    while v >= 0 && out.len() < limit {
+        // An erasure or log cleanup deletes old entries: history ends there.
+        let Some(actions) = commit_actions(tref, table, v).await? else {
+            break;
+        };
+        let mut e = HistoryEntry {
+            version: v,
+            timestamp_ms: None,
+            operation: None,
+            rows_added: 0,
+            files_added: 0,
+            files_removed: 0,
+            maintenance: None,
+        };
+        for a in &actions {
+            match a {
+                Action::Add(a) => {
+                    e.files_added += 1;
+                    if a.data_change {
+                        e.rows_added += rows_of(&a.stats);
+                    }
+                }
+                Action::Remove(_) => e.files_removed += 1,
+                Action::CommitInfo(ci) => {
+                    e.timestamp_ms = ci.timestamp;
+                    e.operation = ci.operation.clone();
+                    e.maintenance = ci
+                        .info
+                        .get(crate::maintenance::MAINTENANCE_KEY)
+                        .and_then(|j| j.as_str())
+                        .map(str::to_string);
+                }
+                _ => {}
+            }
+        }
+        out.push(e);
+        v -= 1;
+    }
+    Ok(out)
+}

@@ -188,7 +188,7 @@ async fn list_products(
             continue;
         }
         let mut summary = product_summary(&s.lake, &c, contract).await;
-        add_quality(&s, contract, &mut summary).await;
+        add_quality(&s, contract, &mut summary, false).await;
         out.push(summary);
     }
     s.audit
@@ -225,10 +225,15 @@ impl Search {
 }
 
 /// Quality counts per expectation, from the transform's events.
-async fn add_quality(s: &AppState, contract: &Contract, summary: &mut Value) {
+/// `per_hour`: quality over time too (one product's page; lists keep to totals).
+async fn add_quality(s: &AppState, contract: &Contract, summary: &mut Value, per_hour: bool) {
     let key = format!("{}.{}", contract.domain(), contract.name());
     if let Some(q) = s.quality.read().await.get(&key) {
-        summary["quality"] = serde_json::to_value(q).unwrap_or(Value::Null);
+        let mut v = serde_json::to_value(q).unwrap_or(Value::Null);
+        if !per_hour && let Some(o) = v.as_object_mut() {
+            o.remove("by_hour");
+        }
+        summary["quality"] = v;
     }
     if let Some(d) = s.dead_letters.read().await.get(&key) {
         summary["dead_letters"] = serde_json::to_value(d).unwrap_or(Value::Null);
@@ -304,6 +309,22 @@ async fn table_summary(
             ms.and_then(chrono::DateTime::from_timestamp_millis)
                 .map(|d| d.to_rfc3339())
         };
+        // The one-table view also carries the table's recent history.
+        if let Ok(h) = medallion_lake::commits::history(t, &table, 25).await {
+            out["history"] = json!(
+                h.iter()
+                    .map(|e| json!({
+                        "version": e.version,
+                        "at": rfc(e.timestamp_ms),
+                        "operation": e.operation,
+                        "rows_added": e.rows_added,
+                        "files_added": e.files_added,
+                        "files_removed": e.files_removed,
+                        "maintenance": e.maintenance,
+                    }))
+                    .collect::<Vec<_>>()
+            );
+        }
         if let Ok(h) = maintenance::health(t, &table, &compaction).await {
             out["health"] = json!({
                 "files": h.files,
@@ -383,7 +404,7 @@ async fn get_product(
     let c = caller(&s, &headers, "get_product", &target).await?;
     let contract = visible_product(&s, &c, "get_product", &d, &p).await?;
     let mut summary = product_summary(&s.lake, &c, &contract).await;
-    add_quality(&s, &contract, &mut summary).await;
+    add_quality(&s, &contract, &mut summary, true).await;
     summary["spec"] = serde_json::to_value(&contract.product).unwrap_or(Value::Null);
     let key = medallion_bus::registry::key(&d, &p);
     let current = s.registry.current(&key).await.ok().flatten();

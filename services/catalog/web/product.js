@@ -2,7 +2,7 @@
 // quality, history) and where its tables are.
 
 import { api, explain } from './api.js';
-import { ago, append, clear, h, layerOf, table } from './dom.js';
+import { ago, append, clear, h, layerOf, s as svg, table } from './dom.js';
 import { grid } from './sql.js';
 
 export async function render(page, { match: [, d, p], current }) {
@@ -48,7 +48,7 @@ function tables(list) {
     if (!mine.length) return null;
     return h('div', { class: `layer-block ${layer}` },
       h('h3', {}, layer[0].toUpperCase() + layer.slice(1)),
-      table(['Table', 'Delta version', 'Rows', 'Last data commit', 'Lag', 'Freshness', 'Schema'],
+      table(['Table', 'Delta version', 'Rows', 'Last data commit', 'Lag', 'Freshness', 'Schema', 'History'],
         mine.map((t) => [
           h('code', {}, t.name),
           t.exists ? String(t.version) : 'not written yet',
@@ -58,8 +58,35 @@ function tables(list) {
           t.freshness ? h('span', { class: `badge ${t.freshness}` }, t.freshness) : '—',
           t.schema?.length ? h('details', {}, h('summary', {}, `${t.schema.length} columns`),
             h('ul', { class: 'cols' }, t.schema.map((c) => h('li', {}, h('code', {}, c.name), ` ${c.type}${c.nullable ? '' : ' not null'}`)))) : '—',
+          t.exists ? history(t.name) : '—',
         ]), { class: 'tables' }));
   });
+}
+
+/// A table's recent commits, fetched when opened (one call per table).
+function history(name) {
+  const [layer, domain, tbl] = name.split('.');
+  const box = h('div', { class: 'history', 'aria-live': 'polite' });
+  const details = h('details', { 'data-history': name }, h('summary', {}, 'commits'), box);
+  details.addEventListener('toggle', async () => {
+    if (!details.open || box.dataset.loaded) return;
+    box.dataset.loaded = '1';
+    append(box, h('p', { class: 'loading' }, 'Loading…'));
+    try {
+      const info = await api(`/v1/tables/${layer}/${domain}/${tbl}`);
+      append(clear(box), table(['Version', 'When', 'Operation', 'Rows added', 'Files +/−'],
+        (info.history || []).map((e) => [
+          String(e.version),
+          e.at ? new Date(e.at).toLocaleString() : '—',
+          e.maintenance ? `${e.operation || ''} (maintenance: ${e.maintenance})` : e.operation || '—',
+          e.rows_added.toLocaleString(),
+          `+${e.files_added} / −${e.files_removed}`,
+        ]), { class: 'history-table' }));
+    } catch (e) {
+      append(clear(box), h('p', { class: 'msg error' }, explain(e)));
+    }
+  });
+  return details;
 }
 
 function contract(spec) {
@@ -91,12 +118,38 @@ function quality(q, dead) {
   const nums = ['rows_in', 'rows_out', 'quarantined', 'dropped', 'duplicates', 'invalid', 'dead_lettered'];
   return [
     h('dl', { class: 'counts' }, nums.map((k) => [h('dt', {}, k.replace('_', ' ')), h('dd', { 'data-count': k }, (q[k] ?? 0).toLocaleString())])),
+    hourly(q.by_hour),
     h('p', { class: 'desc' }, `${q.batches} batches, the last at ${q.last_batch_at ? new Date(q.last_batch_at).toLocaleString() : '—'} (Silver version ${q.last_silver_version ?? '—'})`),
     Object.keys(q.expectations || {}).length
       ? table(['Expectation', 'Action', 'Passed', 'Failed'], Object.entries(q.expectations).map(([n, e]) => [n, e.action, e.passed.toLocaleString(), e.failed.toLocaleString()]))
       : null,
     dead ? h('p', { class: 'msg warn' }, `Last dead letter: ${dead.reason} (${dead.stage}, ${dead.at})`) : null,
   ];
+}
+
+/// Quality over time: rows in, rows out and quarantined per hour, as bars.
+function hourly(byHour) {
+  const hours = Object.entries(byHour || {}).slice(-48);
+  if (!hours.length) return null;
+  const series = [['rows_in', 'rows in'], ['rows_out', 'rows out'], ['quarantined', 'quarantined']];
+  const max = Math.max(1, ...hours.flatMap(([, c]) => series.map(([k]) => c[k])));
+  const group = 3 * 10 + 8;
+  const [width, height, top, bottom] = [Math.max(320, hours.length * group + 50), 180, 16, 34];
+  const y = (v) => top + (height - top - bottom) * (1 - v / max);
+  const label = (iso) => new Date(iso).toLocaleString([], { month: 'short', day: 'numeric', hour: '2-digit' });
+  return h('figure', { class: 'quality-chart' },
+    svg('svg', { class: 'quality', viewBox: `0 0 ${width} ${height}`, width, height, role: 'img',
+      'aria-label': `Rows in, rows out and quarantined per hour over the last ${hours.length} hour(s)` },
+      svg('text', { x: 4, y: 12, class: 'axis' }, max.toLocaleString()),
+      svg('line', { x1: 40, x2: width, y1: y(0), y2: y(0), class: 'axis' }),
+      hours.map(([hour, c], i) => svg('g', { 'data-hour': hour },
+        series.map(([k, name], j) => {
+          const x = 44 + i * group + j * 10;
+          return svg('rect', { x, y: y(c[k]), width: 9, height: Math.max(0, y(0) - y(c[k])), class: `bar ${k}`, 'data-value': c[k] },
+            svg('title', {}, `${label(hour)}: ${c[k].toLocaleString()} ${name}`));
+        }),
+        svg('text', { x: 44 + i * group, y: height - 18, class: 'axis' }, label(hour))))),
+    h('figcaption', {}, series.map(([k, name]) => h('span', { class: `key ${k}` }, name)), ' per hour (UTC hours, shown in your time zone)'));
 }
 
 async function revisions(box, d, p) {
