@@ -9,21 +9,15 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::Command;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
-use medallion_e2e::{Service, gold_payments, hs256};
+use medallion_e2e::{Service, gold_payments};
 use medallion_testkit::{NatsServer, eventually, free_port};
-use serde_json::json;
 
 const SECRET: &str = "e2e-bi-access-secret-0123456789abcdef-0123";
 
 fn token(sub: &str, roles: &[&str]) -> String {
-    let exp = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-        + 3600;
-    hs256(SECRET, &json!({"sub": sub, "roles": roles, "exp": exp}))
+    medallion_e2e::role_token(SECRET, sub, roles)
 }
 
 /// A self-signed certificate for localhost and 127.0.0.1.

@@ -10,21 +10,15 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::Command;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
-use medallion_e2e::{gold_payments, hs256};
+use medallion_e2e::gold_payments;
 use medallion_testkit::{NatsServer, eventually};
-use serde_json::json;
 
 const SECRET: &str = "e2e-web-explorer-secret-0123456789abcdef";
 
 fn token(sub: &str, roles: &[&str]) -> String {
-    let exp = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-        + 3600;
-    hs256(SECRET, &json!({"sub": sub, "roles": roles, "exp": exp}))
+    medallion_e2e::role_token(SECRET, sub, roles)
 }
 
 /// `SCREENSHOT_DIR`, or `web-explorer-screenshots` in the target directory.
