@@ -704,24 +704,10 @@ fn referenced_tables(sql: &str) -> Result<Vec<String>, String> {
     let dialect = datafusion::sql::sqlparser::dialect::GenericDialect {};
     let statements = datafusion::sql::parser::DFParser::parse_sql_with_dialect(sql, &dialect)
         .map_err(|e| e.to_string())?;
-    let ctx = datafusion::prelude::SessionContext::new();
     let mut out = Vec::new();
     for st in statements {
-        let refs = ctx
-            .state()
-            .resolve_table_references(&st)
-            .map_err(|e| e.to_string())?;
-        for r in refs {
-            let name = match &r {
-                datafusion::common::TableReference::Full {
-                    catalog,
-                    schema,
-                    table,
-                } => format!("{catalog}.{schema}.{table}"),
-                other => other.to_string(),
-            };
-            out.push(name);
-        }
+        let (names, _) = crate::sql_gate::tables_read(&st, None).map_err(|e| e.message)?;
+        out.extend(names);
     }
     Ok(out)
 }

@@ -37,13 +37,8 @@ pub struct QualityTotals {
 #[derive(Debug, Clone, Default, Serialize, PartialEq)]
 pub struct HourCounts {
     pub batches: u64,
-    pub rows_in: u64,
-    pub rows_out: u64,
-    pub quarantined: u64,
-    pub dropped: u64,
-    pub duplicates: u64,
-    pub invalid: u64,
-    pub dead_lettered: u64,
+    #[serde(flatten)]
+    pub counts: QualityCounts,
 }
 
 /// The start of the hour of an RFC 3339 instant, in UTC.
@@ -60,15 +55,11 @@ impl QualityTotals {
         self.counts.add(&e.counts);
         if let Some(hour) = hour_of(&e.at) {
             let h = self.by_hour.entry(hour).or_default();
-            let c = &e.counts;
             h.batches += 1;
-            h.rows_in += c.rows_in;
-            h.rows_out += c.rows_out;
-            h.quarantined += c.quarantined;
-            h.dropped += c.dropped;
-            h.duplicates += c.duplicates;
-            h.invalid += c.invalid;
-            h.dead_lettered += c.dead_lettered;
+            h.counts.add(&QualityCounts {
+                expectations: Default::default(),
+                ..e.counts.clone()
+            });
         }
         self.last_batch_at = Some(e.at);
         self.last_silver_version = Some(e.silver_version);
@@ -103,7 +94,7 @@ mod tests {
         let hours: Vec<(&str, u64, u64)> = q
             .by_hour
             .iter()
-            .map(|(h, c)| (h.as_str(), c.rows_in, c.batches))
+            .map(|(h, c)| (h.as_str(), c.counts.rows_in, c.batches))
             .collect();
         assert_eq!(
             hours,

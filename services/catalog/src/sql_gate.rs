@@ -235,34 +235,15 @@ async fn plan_unaudited(
     scope: &Scope,
 ) -> Result<Planned, GateError> {
     let grants = grants(s, c).await;
-    let probe = SessionContext::new();
-    let refs = probe
-        .state()
-        .resolve_table_references(&statement)
-        .map_err(|e| GateError::new(GateErrorKind::Invalid, e.to_string()))?;
-    let mut wanted: Vec<String> = Vec::new();
-    let mut reads_catalog = false;
-    for r in &refs {
-        let (catalog, schema, table) = resolve(r, scope.database);
-        if scope.database.is_some()
-            && schema
-                .as_deref()
-                .is_some_and(|s| CATALOG_SCHEMAS.contains(&s))
-        {
-            reads_catalog = true;
-            continue;
-        }
-        let name = match (&catalog, &schema) {
-            (Some(catalog), Some(schema)) => format!("{catalog}.{schema}.{table}"),
-            _ => r.to_string(),
-        };
-        if !grants.iter().any(|g| g.table.sql_name() == name) {
-            return Err(GateError::new(
-                GateErrorKind::Denied,
-                format!("{name} is not granted to your roles (or does not exist)"),
-            ));
-        }
-        wanted.push(name);
+    let (wanted, reads_catalog) = tables_read(&statement, scope.database)?;
+    if let Some(name) = wanted
+        .iter()
+        .find(|name| !grants.iter().any(|g| g.table.sql_name() == **name))
+    {
+        return Err(GateError::new(
+            GateErrorKind::Denied,
+            format!("{name} is not granted to your roles (or does not exist)"),
+        ));
     }
     // A catalog query sees every granted table (and nothing else); any
     // other query opens only the tables it names.
@@ -278,28 +259,63 @@ async fn plan_unaudited(
     }
     let ctx = session_with(&s.lake, &open, scope.at, config)
         .await
-        .map_err(|e| GateError::new(GateErrorKind::Invalid, e.to_string()))?;
+        .map_err(invalid)?;
     if let Some(db) = scope.database {
-        crate::pg_wire::catalog::install(&ctx, db)
-            .map_err(|e| GateError::new(GateErrorKind::Invalid, e.to_string()))?;
+        crate::pg_wire::catalog::install(&ctx, db).map_err(invalid)?;
     }
     let plan = ctx
         .state()
         .statement_to_plan(statement)
         .await
-        .map_err(|e| GateError::new(GateErrorKind::Invalid, e.to_string()))?;
+        .map_err(invalid)?;
     SQLOptions::new()
         .with_allow_ddl(false)
         .with_allow_dml(false)
         .with_allow_statements(false)
         .verify_plan(&plan)
-        .map_err(|e| GateError::new(GateErrorKind::Invalid, e.to_string()))?;
+        .map_err(invalid)?;
     Ok(Planned {
         ctx,
         plan,
         sql: sql.to_string(),
         at: scope.at,
     })
+}
+
+/// The tables a statement names (`layer.domain.table` when its names
+/// resolve to that; as written otherwise, which no grant matches), and
+/// whether it reads `pg_catalog` or `information_schema` (only with a
+/// database: over HTTP and Flight SQL those are names like any other).
+pub fn tables_read(
+    statement: &Statement,
+    database: Option<Layer>,
+) -> Result<(Vec<String>, bool), GateError> {
+    let refs = SessionContext::new()
+        .state()
+        .resolve_table_references(statement)
+        .map_err(invalid)?;
+    let mut names = Vec::new();
+    let mut reads_catalog = false;
+    for r in &refs {
+        let (catalog, schema, table) = resolve(r, database);
+        if database.is_some()
+            && schema
+                .as_deref()
+                .is_some_and(|s| CATALOG_SCHEMAS.contains(&s))
+        {
+            reads_catalog = true;
+            continue;
+        }
+        names.push(match (&catalog, &schema) {
+            (Some(catalog), Some(schema)) => format!("{catalog}.{schema}.{table}"),
+            _ => r.to_string(),
+        });
+    }
+    Ok((names, reads_catalog))
+}
+
+fn invalid(e: impl std::fmt::Display) -> GateError {
+    GateError::new(GateErrorKind::Invalid, e.to_string())
 }
 
 /// (catalog, schema, table) of a reference, bare names completed with the
@@ -344,23 +360,18 @@ pub async fn execute(
     let Planned { ctx, plan, sql, at } = planned;
     let result = async {
         let plan = match params {
-            Some(p) => plan
-                .replace_params_with_values(&p)
-                .map_err(|e| GateError::new(GateErrorKind::Invalid, e.to_string()))?,
+            Some(p) => plan.replace_params_with_values(&p).map_err(invalid)?,
             None => plan,
         };
         let slot = s.sql_slots.admit(c, limits.per_role)?;
         let timeout = statement_timeout.map_or(limits.timeout, |t| t.min(limits.timeout));
         let deadline = tokio::time::Instant::now() + timeout;
-        let df = ctx
-            .execute_logical_plan(plan)
-            .await
-            .map_err(|e| GateError::new(GateErrorKind::Invalid, e.to_string()))?;
+        let df = ctx.execute_logical_plan(plan).await.map_err(invalid)?;
         let schema: SchemaRef = Arc::new(df.schema().as_arrow().clone());
         let inner = tokio::time::timeout_at(deadline, df.execute_stream())
             .await
             .map_err(|_| timed_out(timeout))?
-            .map_err(|e| GateError::new(GateErrorKind::Invalid, e.to_string()))?;
+            .map_err(invalid)?;
         Ok((schema, limited(inner, slot, deadline, timeout, limits)))
     }
     .await;
