@@ -29,6 +29,9 @@ pub enum Operation {
     Append,
     /// The table was rewritten (full refresh): consumers rebuild from it.
     Overwrite,
+    /// Rows were replaced, updated or deleted in place (a change feed's
+    /// commit): consumers read the commit from the table.
+    Merge,
 }
 
 impl Operation {
@@ -36,6 +39,7 @@ impl Operation {
         match self {
             Operation::Append => "append",
             Operation::Overwrite => "overwrite",
+            Operation::Merge => "merge",
         }
     }
 }
@@ -162,6 +166,7 @@ impl EventPart {
             .ok_or_else(|| bad("missing or invalid Medallion-Part"))?;
         let operation = match get(headers::OPERATION).as_deref() {
             Some("overwrite") => Operation::Overwrite,
+            Some("merge") => Operation::Merge,
             Some("append") | None => Operation::Append,
             Some(_) => return Err(bad("invalid Medallion-Operation")),
         };

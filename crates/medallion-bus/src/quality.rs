@@ -22,6 +22,32 @@ pub struct QualityCounts {
     pub dead_lettered: u64,
     #[serde(default)]
     pub expectations: BTreeMap<String, ExpectationCount>,
+    /// What a change feed's commit did (products with `spec.cdc` only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub changes: Option<ChangeCounts>,
+}
+
+/// Changes applied to a change-feed Silver table, by operation; `stale`
+/// ones were older than (or the same as) what the table already held for
+/// their key and changed nothing; `tombstones` are the null records
+/// Debezium sends after a delete.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ChangeCounts {
+    pub inserts: u64,
+    pub updates: u64,
+    pub deletes: u64,
+    pub stale: u64,
+    pub tombstones: u64,
+}
+
+impl ChangeCounts {
+    pub fn add(&mut self, o: &ChangeCounts) {
+        self.inserts += o.inserts;
+        self.updates += o.updates;
+        self.deletes += o.deletes;
+        self.stale += o.stale;
+        self.tombstones += o.tombstones;
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -45,6 +71,9 @@ impl QualityCounts {
             e.action = v.action.clone();
             e.passed += v.passed;
             e.failed += v.failed;
+        }
+        if let Some(c) = &o.changes {
+            self.changes.get_or_insert_default().add(c);
         }
     }
 }

@@ -21,6 +21,32 @@ use crate::types::{ColumnType, parse_duration, timestamp_utc};
 pub const BRONZE_SEQ_COLUMN: &str = "_bronze_seq";
 pub const INGESTED_AT_COLUMN: &str = "_ingested_at";
 
+/// Columns a change-feed (`spec.cdc`) Silver table adds: the winning
+/// change's sequence (SCD1), or the span each version was current (SCD2,
+/// `__end_at` NULL for the current one).
+pub const CDC_SEQUENCE_COLUMN: &str = "__sequence";
+pub const CDC_START_COLUMN: &str = "__start_at";
+pub const CDC_END_COLUMN: &str = "__end_at";
+
+/// A validated `spec.cdc`.
+#[derive(Debug, Clone)]
+pub struct CdcPlan {
+    pub format: crate::model::CdcFormat,
+    pub stored_as: crate::model::CdcStorage,
+    /// Envelope field paths (debezium), split on `.`; or the one column (generic).
+    pub sequence_paths: Vec<Vec<String>>,
+    /// The operation field (generic).
+    pub operation: Option<String>,
+    /// Type of the sequence columns: Int64 for one integer field, the
+    /// column's type for generic, Utf8 for a list of fields.
+    pub sequence_type: DataType,
+    pub keep_deletes_for: std::time::Duration,
+}
+
+/// Deletes are remembered a week unless `spec.cdc.keep_deletes_for` says otherwise.
+pub const DEFAULT_KEEP_DELETES_FOR: std::time::Duration =
+    std::time::Duration::from_secs(7 * 86_400);
+
 /// When ingest received each row's message (µs since the epoch), if `b` is
 /// a Silver batch.
 pub fn ingested_at_micros(b: &arrow::array::RecordBatch) -> Option<&[i64]> {
@@ -75,6 +101,8 @@ pub struct Contract {
     pub bronze_retention: Option<std::time::Duration>,
     /// `spec.dedupe.within`, if set.
     pub dedupe_within: Option<std::time::Duration>,
+    /// `spec.cdc`, if the product is a change feed.
+    pub cdc: Option<CdcPlan>,
 }
 
 impl std::fmt::Debug for Contract {
@@ -168,13 +196,42 @@ impl Contract {
         let mut silver_fields = logical_fields;
         silver_fields.push(Field::new(BRONZE_SEQ_COLUMN, DataType::Int64, false));
         silver_fields.push(Field::new(INGESTED_AT_COLUMN, timestamp_utc(), false));
+        let cdc = product
+            .spec
+            .cdc
+            .as_ref()
+            .and_then(|c| check_cdc(&product, c, &mut errors));
+        if let Some(c) = &cdc {
+            match c.stored_as {
+                crate::model::CdcStorage::Scd1 => silver_fields.push(Field::new(
+                    CDC_SEQUENCE_COLUMN,
+                    c.sequence_type.clone(),
+                    false,
+                )),
+                crate::model::CdcStorage::Scd2 => {
+                    silver_fields.push(Field::new(
+                        CDC_START_COLUMN,
+                        c.sequence_type.clone(),
+                        false,
+                    ));
+                    silver_fields.push(Field::new(CDC_END_COLUMN, c.sequence_type.clone(), true));
+                }
+            }
+        }
         let silver_schema = Arc::new(Schema::new(silver_fields));
 
         let mut gold = Vec::new();
         for (i, g) in product.spec.gold.iter().enumerate() {
             let field = format!("spec.gold[{i}].sql");
             match GoldPlan::analyze(&g.name, &g.sql, silver_schema.clone(), &field).await {
-                Ok(plan) => gold.push(plan),
+                Ok(mut plan) => {
+                    // A change feed updates and deletes Silver rows: Gold
+                    // takes their old values out where it can.
+                    if cdc.is_some() {
+                        plan.enable_retraction();
+                    }
+                    gold.push(plan)
+                }
                 Err(msg) => {
                     let (f, m) = msg
                         .split_once(": ")
@@ -217,8 +274,125 @@ impl Contract {
             time_travel,
             bronze_retention,
             dedupe_within,
+            cdc,
         })
     }
+}
+
+/// Validates `spec.cdc` against the rest of the spec.
+fn check_cdc(
+    p: &DataProduct,
+    c: &crate::model::Cdc,
+    errors: &mut Vec<SpecError>,
+) -> Option<CdcPlan> {
+    use crate::model::CdcFormat;
+    let before = errors.len();
+    let mut err = |f: &str, m: String| errors.push(SpecError::new(f, m));
+    let s = &p.spec;
+    if s.key.is_empty() {
+        err(
+            "spec.key",
+            "a change feed (spec.cdc) needs the key of the source table, e.g. `key: [id]`".into(),
+        );
+    }
+    if s.partitions > 1 {
+        err(
+            "spec.partitions",
+            "a change feed (spec.cdc) is applied by one transform in sequence order; set `partitions: 1`".into(),
+        );
+    }
+    if s.dedupe.is_some() {
+        err(
+            "spec.dedupe",
+            "a change feed keeps one row per key by sequence (spec.cdc.sequence_by); remove spec.dedupe".into(),
+        );
+    }
+    let paths = c.sequence_by.paths();
+    if paths.is_empty() || paths.iter().any(|p| p.trim().is_empty()) {
+        err(
+            "spec.cdc.sequence_by",
+            "name the field that orders changes, e.g. `source.lsn` (Postgres) or `[source.file, source.pos, source.row]` (MySQL)".into(),
+        );
+    }
+    let mut sequence_type = if paths.len() == 1 {
+        DataType::Int64
+    } else {
+        DataType::Utf8
+    };
+    match c.format {
+        CdcFormat::Debezium => {
+            if c.operation.is_some() {
+                err(
+                    "spec.cdc.operation",
+                    "Debezium events carry their operation in `op`; remove spec.cdc.operation (it is for format: generic)".into(),
+                );
+            }
+        }
+        CdcFormat::Generic => {
+            match c.operation.as_deref() {
+                None | Some("") => err(
+                    "spec.cdc.operation",
+                    "format: generic needs the field holding each change's operation (c/u/d or insert/update/delete), e.g. `operation: op`".into(),
+                ),
+                Some(_) => {}
+            }
+            if paths.len() != 1 {
+                err(
+                    "spec.cdc.sequence_by",
+                    "format: generic orders changes by one declared column; name it, e.g. `sequence_by: seq`".into(),
+                );
+            } else {
+                match p.column(paths[0]) {
+                    None => err(
+                        "spec.cdc.sequence_by",
+                        format!(
+                            "`{}` is not a declared column; format: generic orders changes by a column of spec.schema",
+                            paths[0]
+                        ),
+                    ),
+                    Some(col) => match col.data_type {
+                        ColumnType::Int64 => sequence_type = DataType::Int64,
+                        ColumnType::Timestamp => sequence_type = timestamp_utc(),
+                        ColumnType::String => sequence_type = DataType::Utf8,
+                        _ => err(
+                            "spec.cdc.sequence_by",
+                            format!(
+                                "column `{}` is {}; a sequence is an int64, timestamp or string column",
+                                paths[0], col.data_type
+                            ),
+                        ),
+                    },
+                }
+            }
+        }
+    }
+    let keep_deletes_for = match c.keep_deletes_for.as_deref() {
+        None => DEFAULT_KEEP_DELETES_FOR,
+        Some(d) => match parse_duration(d) {
+            Some(d) => d,
+            None => {
+                err(
+                    "spec.cdc.keep_deletes_for",
+                    format!("`{d}` is not a duration; write e.g. `7d`, `12h` or `30m`"),
+                );
+                DEFAULT_KEEP_DELETES_FOR
+            }
+        },
+    };
+    if errors.len() > before {
+        return None;
+    }
+    Some(CdcPlan {
+        format: c.format,
+        stored_as: c.stored_as,
+        sequence_paths: paths
+            .iter()
+            .map(|p| p.split('.').map(|s| s.trim().to_string()).collect())
+            .collect(),
+        operation: c.operation.clone(),
+        sequence_type,
+        keep_deletes_for,
+    })
 }
 
 /// YAML → DataProduct, with serde's path to the offending field in the message.

@@ -85,7 +85,27 @@ pub struct GoldPlan {
     pub lineage: Vec<ColumnLineage>,
     /// Silver columns the WHERE clause reads.
     pub filter_columns: Vec<String>,
+    /// The extra partials that let rows be taken out again (a change
+    /// feed's Silver updates and deletes rows), once
+    /// [`enable_retraction`](Self::enable_retraction) added them.
+    pub retraction: Option<Retraction>,
+    /// `count(x)` of each sum's argument, by aggregate index, ready for
+    /// [`enable_retraction`](Self::enable_retraction).
+    sum_counts: Vec<(usize, Expr)>,
 }
+
+/// Where the hidden partials of a retractable plan are: the group's row
+/// count (a group whose rows are all taken out is gone) and, per sum, how
+/// many of its values were not NULL (a sum of none is NULL, not 0).
+#[derive(Debug, Clone)]
+pub struct Retraction {
+    pub rows: usize,
+    /// `(aggregate index, its sum partial, the count partial)`.
+    pub non_null: Vec<(usize, usize, usize)>,
+}
+
+/// The hidden Gold column holding a group's row count (retractable plans).
+pub const ROWS_COLUMN: &str = "__rows";
 
 /// Column names Delta Lake accepts without column mapping.
 pub fn is_delta_safe_name(name: &str) -> bool {
@@ -129,6 +149,7 @@ impl GoldPlan {
         let mut partial_exprs = Vec::new();
         let mut aggregates: Vec<GoldAggregate> = Vec::new();
         let mut agg_index_of: Vec<Option<usize>> = vec![None; aggregate.aggr_expr.len()];
+        let mut sum_counts = Vec::new();
         let mut keys: Vec<Option<GoldKey>> = vec![None; n_groups];
         let mut outputs = Vec::new();
         let mut fields = Vec::new();
@@ -197,6 +218,9 @@ impl GoldPlan {
                         (start..partial_exprs.len()).collect()
                     }
                 };
+                if kind == AggKind::Sum && agg_index_of[a].is_none() {
+                    sum_counts.push((aggregates.len(), count_of(func)));
+                }
                 agg_index_of[a] = Some(aggregates.len());
                 lineage.push(ColumnLineage {
                     column: out_name.clone(),
@@ -268,7 +292,49 @@ impl GoldPlan {
             partial_types,
             lineage,
             filter_columns,
+            retraction: None,
+            sum_counts,
         })
+    }
+
+    /// Adds the partials that let rows be retracted (see [`Retraction`]):
+    /// possible when every aggregate is a count, sum or avg (a min or max
+    /// cannot forget a value; such a plan is recomputed instead). Returns
+    /// whether it did.
+    pub fn enable_retraction(&mut self) -> bool {
+        if self.retraction.is_some() {
+            return true;
+        }
+        if self
+            .aggregates
+            .iter()
+            .any(|a| matches!(a.kind, AggKind::Min | AggKind::Max))
+        {
+            return false;
+        }
+        let push = |e: Expr, exprs: &mut Vec<Expr>, types: &mut Vec<DataType>| {
+            let i = exprs.len();
+            exprs.push(e.alias(format!("__p{i}")));
+            types.push(DataType::Int64);
+            i
+        };
+        let rows = push(
+            datafusion::functions_aggregate::count::count_all(),
+            &mut self.partial_exprs,
+            &mut self.partial_types,
+        );
+        let mut non_null = Vec::new();
+        for (a, e) in self.sum_counts.clone() {
+            let c = push(e, &mut self.partial_exprs, &mut self.partial_types);
+            non_null.push((a, self.aggregates[a].partials[0], c));
+        }
+        self.retraction = Some(Retraction { rows, non_null });
+        true
+    }
+
+    /// The hidden column of a sum's non-NULL count (retractable plans).
+    pub fn non_null_column(name: &str) -> String {
+        format!("__{name}_nonnull")
     }
 
     pub fn key_names(&self) -> Vec<String> {
@@ -298,6 +364,16 @@ impl GoldPlan {
                     true,
                 ));
                 fields.push(Field::new(c, DataType::Int64, true));
+            }
+        }
+        if let Some(r) = &self.retraction {
+            fields.push(Field::new(ROWS_COLUMN, DataType::Int64, true));
+            for (a, _, _) in &r.non_null {
+                fields.push(Field::new(
+                    Self::non_null_column(&self.aggregates[*a].name),
+                    DataType::Int64,
+                    true,
+                ));
             }
         }
         Arc::new(Schema::new(fields))
@@ -389,6 +465,18 @@ fn aggregate_kind(func: &AggregateFunction, display: &str, field: &str) -> Resul
         }
     };
     Ok(kind)
+}
+
+/// `count(x)` over the same argument and filter as `func`.
+fn count_of(func: &AggregateFunction) -> Expr {
+    Expr::AggregateFunction(AggregateFunction::new_udf(
+        count_udaf(),
+        func.params.args.clone(),
+        false,
+        func.params.filter.clone(),
+        vec![],
+        None,
+    ))
 }
 
 fn partial_aggregates(kind: AggKind, func: &AggregateFunction) -> Vec<Expr> {

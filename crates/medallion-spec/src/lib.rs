@@ -17,10 +17,11 @@ pub mod types;
 
 pub use compat::breaking_changes;
 pub use contract::{
-    BRONZE_SEQ_COLUMN, Contract, INGESTED_AT_COLUMN, ingested_at_micros, is_valid_name, parse_yaml,
+    BRONZE_SEQ_COLUMN, CDC_END_COLUMN, CDC_SEQUENCE_COLUMN, CDC_START_COLUMN, CdcPlan, Contract,
+    INGESTED_AT_COLUMN, ingested_at_micros, is_valid_name, parse_yaml,
 };
 pub use error::{SpecError, SpecErrors};
-pub use gold::{AggKind, GoldPlan, OutputColumn};
+pub use gold::{AggKind, GoldPlan, OutputColumn, ROWS_COLUMN, Retraction};
 pub use model::*;
 pub use names::{
     INGEST_SLOTS, IngestSlot, TableRef, ingest_slot_subject, ingest_subject, parse_ingest_slot,

@@ -75,6 +75,10 @@ pub struct ProductSpec {
         schemars(range(min = 1, max = 32), extend("format" = "int32"))
     )]
     pub partitions: u32,
+    /// The source is a database change feed: Silver holds each key's
+    /// current row (SCD1) or its history (SCD2) instead of appended rows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cdc: Option<Cdc>,
 }
 
 /// The most partitions a product may have: ingest spreads keyed subjects over
@@ -286,6 +290,98 @@ pub struct Dedupe {
     /// Silver less than this long before (at least; up to a quarter more),
     /// e.g. `7d`. Bounds the transform's memory by the keys of that span.
     pub within: String,
+}
+
+/// A change feed (`spec.cdc`): each record is an insert, update or delete of
+/// the row keyed by `spec.key`.
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Cdc {
+    pub format: CdcFormat,
+    /// Orders the changes of a key, highest wins: an envelope field path for
+    /// `debezium` (`source.lsn`, or a list such as `[source.file,
+    /// source.pos, source.row]`), a declared column for `generic`.
+    pub sequence_by: SequenceBy,
+    #[serde(default)]
+    pub stored_as: CdcStorage,
+    /// `generic` only: the field holding the operation (`c`/`insert`,
+    /// `u`/`update`, `d`/`delete`, `r`/`snapshot`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub operation: Option<String>,
+    /// How long a deleted key is remembered, so an older change arriving
+    /// later does not bring it back, e.g. `7d` (the default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep_deletes_for: Option<String>,
+}
+
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CdcFormat {
+    /// Debezium's change event envelope (`before`, `after`, `op`, `source`,
+    /// `ts_ms`), with or without the `schema`/`payload` wrapper.
+    Debezium,
+    /// A flat record with an operation column and a sequence column.
+    Generic,
+}
+
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CdcStorage {
+    /// The latest row per key; deletes remove it.
+    #[default]
+    Scd1,
+    /// Every version of a row, with `__start_at` / `__end_at`.
+    Scd2,
+}
+
+impl CdcStorage {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            CdcStorage::Scd1 => "scd1",
+            CdcStorage::Scd2 => "scd2",
+        }
+    }
+}
+
+/// One field path, or several compared in order.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum SequenceBy {
+    One(String),
+    Many(Vec<String>),
+}
+
+/// A string or a list of strings. Kubernetes takes no `anyOf` of two types
+/// in a CRD (a structural schema has one type per field), so the API server
+/// keeps the value as given and the spec validation checks it.
+#[cfg(feature = "schema")]
+impl schemars::JsonSchema for SequenceBy {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "SequenceBy".into()
+    }
+
+    fn inline_schema() -> bool {
+        true
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "description": "An envelope field path (`source.lsn`) or a list of them compared in order (`[source.file, source.pos, source.row]`); a declared column for format: generic",
+            "x-kubernetes-preserve-unknown-fields": true,
+        })
+    }
+}
+
+impl SequenceBy {
+    pub fn paths(&self) -> Vec<&str> {
+        match self {
+            SequenceBy::One(p) => vec![p.as_str()],
+            SequenceBy::Many(ps) => ps.iter().map(String::as_str).collect(),
+        }
+    }
 }
 
 impl DataProduct {

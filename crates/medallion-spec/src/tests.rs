@@ -344,3 +344,91 @@ async fn retention_is_read_from_the_spec() {
         Some(std::time::Duration::from_secs(90 * 86400))
     );
 }
+
+#[tokio::test]
+async fn a_change_feed_adds_its_sequence_columns() {
+    let scd = |stored_as: &str, seq: &str| {
+        with_spec_edit(|p| {
+            p.spec.cdc = Some(
+                serde_yaml::from_str(&format!(
+                    "{{format: debezium, sequence_by: {seq}, stored_as: {stored_as}}}"
+                ))
+                .unwrap(),
+            );
+        })
+    };
+    let c = Contract::compile(scd("scd1", "source.lsn")).await.unwrap();
+    let last = c.silver_schema.fields().last().unwrap();
+    assert_eq!(
+        (last.name().as_str(), last.data_type()),
+        (CDC_SEQUENCE_COLUMN, &arrow::datatypes::DataType::Int64)
+    );
+    let c = Contract::compile(scd("scd2", "[source.file, source.pos]"))
+        .await
+        .unwrap();
+    let names: Vec<_> = c
+        .silver_schema
+        .fields()
+        .iter()
+        .rev()
+        .take(2)
+        .map(|f| (f.name().clone(), f.data_type().clone(), f.is_nullable()))
+        .collect();
+    assert_eq!(
+        names,
+        [
+            (
+                CDC_END_COLUMN.to_string(),
+                arrow::datatypes::DataType::Utf8,
+                true
+            ),
+            (
+                CDC_START_COLUMN.to_string(),
+                arrow::datatypes::DataType::Utf8,
+                false
+            )
+        ]
+    );
+    assert_eq!(
+        c.cdc.unwrap().sequence_paths,
+        [vec!["source", "file"], vec!["source", "pos"]]
+    );
+}
+
+#[tokio::test]
+async fn change_feed_mistakes_name_their_field_and_fix() {
+    let p = with_spec_edit(|p| {
+        p.spec.key.clear();
+        p.spec.partitions = 4;
+        p.spec.dedupe = Some(Dedupe {
+            within: "1d".into(),
+        });
+        p.spec.cdc = Some(
+            serde_yaml::from_str("{format: generic, sequence_by: lsn, keep_deletes_for: soon}")
+                .unwrap(),
+        );
+    });
+    let text = errors_of(p).await.to_string();
+    for expected in [
+        "spec.key: a change feed",
+        "spec.partitions: a change feed",
+        "spec.dedupe: a change feed",
+        "spec.cdc.operation: format: generic needs",
+        "spec.cdc.sequence_by: `lsn` is not a declared column",
+        "spec.cdc.keep_deletes_for: `soon` is not a duration",
+    ] {
+        assert!(text.contains(expected), "missing `{expected}` in:\n{text}");
+    }
+    let p = with_spec_edit(|p| {
+        p.spec.cdc = Some(
+            serde_yaml::from_str("{format: debezium, sequence_by: source.lsn, operation: op}")
+                .unwrap(),
+        );
+    });
+    assert!(
+        errors_of(p)
+            .await
+            .to_string()
+            .contains("spec.cdc.operation: Debezium events carry")
+    );
+}

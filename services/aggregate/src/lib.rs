@@ -9,11 +9,15 @@
 //! table at start (Gold holds every partial it needs, incl. avg's hidden
 //! `__<name>_sum` / `__<name>_count`), so a restart resumes exactly after
 //! the last merged Silver version. A Silver commit that removed data (a
-//! replay) triggers a full refresh of Gold from Silver.
+//! replay, an erasure) triggers a full refresh of Gold from Silver, except a
+//! change feed's commit into a Gold plan of counts, sums and averages: its
+//! replaced rows are taken out (`retract.rs`, hidden `__rows` and non-NULL
+//! counts in Gold) and its new rows merged.
 
 pub mod config;
 mod merge;
 pub mod poison;
+mod retract;
 mod service;
 pub mod state;
 mod tables;

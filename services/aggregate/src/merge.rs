@@ -34,6 +34,8 @@ pub(crate) struct Ahead {
     pub poisoned: Vec<PoisonRow>,
     /// The Silver rows merged (their ingest times feed the latency metric).
     pub rows: Vec<RecordBatch>,
+    /// Partials of the rows change-feed commits replaced or deleted, to take out.
+    pub retract: Vec<RecordBatch>,
     pub span: tracing::Span,
     pub links: Vec<String>,
     pub started: Instant,
@@ -72,6 +74,7 @@ pub(crate) async fn compute(
     let mut last = versions[0];
     let mut refresh = t.rebuild;
     let mut n = 0usize;
+    let mut retracted: Vec<RecordBatch> = Vec::new();
     if refresh {
         last = *versions.last().expect("a run is never empty");
     }
@@ -86,10 +89,27 @@ pub(crate) async fn compute(
                 .map_err(|e| e.to_string())?
             {
                 Some(c) if c.removed_data => {
-                    // Silver was rebuilt (replay): Gold is recomputed from it.
-                    refresh = true;
-                    last = v;
-                    break;
+                    // A change feed's commit: the rows it replaced come out,
+                    // the rows it wrote go in, when the plan can take rows out.
+                    let diff = match t.state.plan.retraction {
+                        Some(_) => crate::retract::changed_rows(silver_ref, silver, v, c.batches)
+                            .await
+                            .map_err(|e| e.to_string())?,
+                        None => None,
+                    };
+                    match diff {
+                        Some((added, removed)) => {
+                            retracted.extend(removed);
+                            added
+                        }
+                        None => {
+                            // Silver was rebuilt (replay), or the plan has a
+                            // min/max: Gold is recomputed from it.
+                            refresh = true;
+                            last = v;
+                            break;
+                        }
+                    }
                 }
                 Some(c) => c.batches,
                 None => Vec::new(),
@@ -103,7 +123,31 @@ pub(crate) async fn compute(
             break;
         }
     }
-    let (partials, poisoned) = if refresh {
+    // Partials of the replaced rows; if one's group is not (yet) in the
+    // state (an earlier run not committed when this one is computed ahead,
+    // or a state that cannot take it), Gold is recomputed instead.
+    let mut retract = Vec::new();
+    let mut merged = None;
+    if !refresh && !retracted.is_empty() {
+        let added = poison::partials(&t.state, &rows, &batch_versions, max_deliver)
+            .instrument(span.clone())
+            .await?;
+        retract = t
+            .state
+            .partials(&retracted)
+            .instrument(span.clone())
+            .await
+            .map_err(|e| e.to_string())?;
+        if t.state.holds_groups(&retract, &added.0) {
+            merged = Some(added);
+        } else {
+            refresh = true;
+            retract.clear();
+        }
+    }
+    let (partials, poisoned) = if let Some(m) = merged {
+        m
+    } else if refresh {
         let table = medallion_lake::open_at(lake, silver_ref, Some(last))
             .await
             .map_err(|e| e.to_string())?
@@ -125,6 +169,7 @@ pub(crate) async fn compute(
     };
     span.record("silver_rows", n);
     Ok(Ahead {
+        retract,
         first: versions[0],
         last,
         refresh,
@@ -153,6 +198,7 @@ pub(crate) async fn commit(
         partials,
         poisoned,
         rows,
+        retract,
         span,
         links,
         started,
@@ -168,7 +214,16 @@ pub(crate) async fn commit(
             touched,
         )
     } else {
-        let (buckets, touched) = t.state.merge(&partials);
+        let (mut buckets, mut touched) = t.state.merge(&partials);
+        if !retract.is_empty() {
+            // On an error the groups are already changed: the caller drops
+            // them and reopens the table, which recomputes.
+            let (b, k) = t.state.retract(&retract)?;
+            buckets.extend(b);
+            touched.extend(k);
+            touched.sort();
+            touched.dedup();
+        }
         let removes = buckets
             .iter()
             .flat_map(|b| t.files[*b].iter().map(|f| f.remove.clone()))

@@ -179,6 +179,76 @@ impl GoldState {
         (buckets, touched)
     }
 
+    /// Whether every group of `partials` is in the state, or in `merging`
+    /// (partials merged first).
+    pub fn holds_groups(&self, partials: &[RecordBatch], merging: &[RecordBatch]) -> bool {
+        let incoming: std::collections::HashSet<Vec<u8>> =
+            merging.iter().flat_map(|b| self.group_keys(b)).collect();
+        partials.iter().all(|b| {
+            self.group_keys(b).into_iter().all(|key| {
+                incoming.contains(&key) || self.buckets[bucket_of(&key)].contains_key(&key)
+            })
+        })
+    }
+
+    /// The row-encoded group key of each row of a partials batch.
+    fn group_keys(&self, b: &RecordBatch) -> Vec<Vec<u8>> {
+        let keys: Vec<ArrayRef> = (0..self.plan.keys.len())
+            .map(|i| cast(b.column(i), &self.plan.keys[i].data_type).expect("key keeps its type"))
+            .collect();
+        let rows = self
+            .converter
+            .convert_columns(&keys)
+            .expect("row-encodable");
+        (0..b.num_rows())
+            .map(|r| rows.row(r).as_ref().to_vec())
+            .collect()
+    }
+
+    /// Takes rows out again: `partials` are of the rows a change-feed commit
+    /// replaced or deleted. Counts and sums are subtracted; a group left
+    /// with no row is removed, a sum left with no non-NULL value is NULL.
+    /// Returns the buckets and keys touched, or why the state cannot take
+    /// it (a group that is not there: the caller recomputes instead).
+    pub fn retract(
+        &mut self,
+        partials: &[RecordBatch],
+    ) -> Result<(BTreeSet<usize>, Vec<Vec<u8>>), String> {
+        let Some(r) = self.plan.retraction.clone() else {
+            return Err("this Gold plan keeps no retraction state".into());
+        };
+        let nk = self.plan.keys.len();
+        let mut negated = Vec::with_capacity(partials.len());
+        for b in partials {
+            let mut cols = b.columns().to_vec();
+            for c in cols.iter_mut().skip(nk) {
+                *c = arrow::compute::kernels::numeric::neg(c).map_err(|e| e.to_string())?;
+            }
+            negated.push(RecordBatch::try_new(b.schema(), cols).map_err(|e| e.to_string())?);
+        }
+        if !self.holds_groups(partials, &[]) {
+            return Err("a retracted row's group is not in Gold; recomputing it".into());
+        }
+        let (buckets, touched) = self.merge(&negated);
+        for key in &touched {
+            let bucket = bucket_of(key);
+            let Some(g) = self.buckets[bucket].get_mut(key) else {
+                continue;
+            };
+            if is_zero(&g.partials[r.rows]) {
+                self.buckets[bucket].remove(key);
+                continue;
+            }
+            for (_, sum, count) in &r.non_null {
+                if is_zero(&g.partials[*count]) {
+                    g.partials[*sum] = ScalarValue::try_from(&self.plan.partial_types[*sum])
+                        .unwrap_or(ScalarValue::Null);
+                }
+            }
+        }
+        Ok((buckets, touched))
+    }
+
     /// The Gold rows of one bucket (sorted by key, so files are deterministic).
     pub fn bucket_rows(&self, bucket: usize) -> RecordBatch {
         let mut keys: Vec<&Vec<u8>> = self.buckets[bucket].keys().collect();
@@ -235,14 +305,20 @@ impl GoldState {
             cols.push(col);
         }
         let mut i = self.plan.outputs.len();
+        let mut hidden: Vec<usize> = Vec::new();
         for agg in &self.plan.aggregates {
             if agg.kind == AggKind::Avg {
-                for p in [agg.partials[0], agg.partials[1]] {
-                    let dt = self.table_schema.field(i).data_type().clone();
-                    cols.push(scalars(&|g| g.partials[p].clone(), &dt));
-                    i += 1;
-                }
+                hidden.extend([agg.partials[0], agg.partials[1]]);
             }
+        }
+        if let Some(r) = &self.plan.retraction {
+            hidden.push(r.rows);
+            hidden.extend(r.non_null.iter().map(|(_, _, c)| *c));
+        }
+        for p in hidden {
+            let dt = self.table_schema.field(i).data_type().clone();
+            cols.push(scalars(&|g| g.partials[p].clone(), &dt));
+            i += 1;
         }
         RecordBatch::try_new(self.table_schema.clone(), cols).expect("gold schema matches")
     }
@@ -268,6 +344,14 @@ impl GoldState {
                 partial_cols[a.partials[1]] = Some(col(&c));
             } else {
                 partial_cols[a.partials[0]] = Some(col(&a.name));
+            }
+        }
+        if let Some(r) = &self.plan.retraction {
+            partial_cols[r.rows] = Some(col(medallion_spec::ROWS_COLUMN));
+            for (a, _, c) in &r.non_null {
+                partial_cols[*c] = Some(col(&GoldPlan::non_null_column(
+                    &self.plan.aggregates[*a].name,
+                )));
             }
         }
         let mut out = Vec::with_capacity(b.num_rows());
@@ -323,6 +407,10 @@ fn combine(kind: AggKind, a: &ScalarValue, b: ScalarValue) -> ScalarValue {
             }
         }
     }
+}
+
+fn is_zero(v: &ScalarValue) -> bool {
+    matches!(v, ScalarValue::Int64(Some(0)) | ScalarValue::Int64(None))
 }
 
 fn avg(sum: &ScalarValue, count: &ScalarValue) -> ScalarValue {

@@ -20,7 +20,8 @@ export async function render(page, { match: [, d, p], current }) {
       fact('Tags', prod.tags.length ? prod.tags.map((t) => h('a', { class: 'tag', href: `#/products?tag=${encodeURIComponent(t)}` }, t)) : '—'),
       fact('Revision', prod.revision ?? '—'),
       fact('Defined by', prod.managed_by || 'the API (PUT /v1/products)'),
-      fact('Freshness SLA', spec.sla?.freshness || 'none')),
+      fact('Freshness SLA', spec.sla?.freshness || 'none'),
+      spec.cdc ? fact('Change feed', changeFeed(spec.cdc)) : null),
     h('p', { class: 'actions' },
       h('a', { class: 'button', href: `#/lineage/${d}/${p}` }, 'Lineage graph'),
       h('a', { class: 'button', href: `#/quarantine/${d}/${p}` }, 'Quarantined rows'),
@@ -35,6 +36,15 @@ export async function render(page, { match: [, d, p], current }) {
 }
 
 const fact = (k, v) => [h('dt', {}, k), h('dd', {}, v)];
+
+/// `spec.cdc` in words: what the feed is and what Silver keeps of it.
+function changeFeed(cdc) {
+  const seq = [].concat(cdc.sequence_by).join(', ');
+  const kept = (cdc.stored_as || 'scd1') === 'scd2'
+    ? 'SCD2: every version, with __start_at / __end_at'
+    : 'SCD1: the latest row per key';
+  return `${cdc.format} — ${kept}; ordered by ${seq}`;
+}
 
 function section(title, ...body) {
   const id = `s-${title.toLowerCase().replace(/[^a-z]+/g, '-')}`;
@@ -118,6 +128,10 @@ function quality(q, dead) {
   const nums = ['rows_in', 'rows_out', 'quarantined', 'dropped', 'duplicates', 'invalid', 'dead_lettered'];
   return [
     h('dl', { class: 'counts' }, nums.map((k) => [h('dt', {}, k.replace('_', ' ')), h('dd', { 'data-count': k }, (q[k] ?? 0).toLocaleString())])),
+    q.changes
+      ? h('dl', { class: 'counts', 'aria-label': 'Changes applied' }, ['inserts', 'updates', 'deletes', 'stale', 'tombstones']
+        .map((k) => [h('dt', {}, k), h('dd', { 'data-change': k }, (q.changes[k] ?? 0).toLocaleString())]))
+      : null,
     hourly(q.by_hour),
     h('p', { class: 'desc' }, `${q.batches} batches, the last at ${q.last_batch_at ? new Date(q.last_batch_at).toLocaleString() : '—'} (Silver version ${q.last_silver_version ?? '—'})`),
     Object.keys(q.expectations || {}).length

@@ -10,9 +10,10 @@ use medallion_runtime::metrics::PipelineMetrics;
 use medallion_spec::Contract;
 use tracing::{info, warn};
 
+use crate::cdc_apply::CdcTable;
 use crate::pipeline::QualityCounts;
 use crate::poison;
-use crate::state::{GEN_SHIFT, LAYER, ProductState, SNAPSHOT_EVERY, pid, position};
+use crate::state::{GEN_SHIFT, LAYER, ProductState, SNAPSHOT_EVERY, now_us, pid, position};
 use crate::step::Step;
 
 /// Commits a step: poison parked, then quarantine, then Silver (each with
@@ -82,10 +83,38 @@ pub(crate) async fn commit(
             .map_err(|e| e.to_string())?;
     }
     failpoint::hit("transform.between_commits");
+    // A change feed's step is applied to the rows it changes: the files of
+    // the touched buckets are rewritten in the same commit.
+    let (groups, smode, applied) = match &state.contract.cdc {
+        None => (vec![silver.clone()], smode, None),
+        Some(_) => {
+            let table = match state.cdc.take() {
+                _ if replaced => CdcTable::empty(state.silver.version()),
+                Some(t) if t.version == state.silver.version() => t,
+                _ => CdcTable::load(&state.contract, &state.silver).await?,
+            };
+            let applied = table
+                .apply(&state.contract, &state.silver, &silver, now_us())
+                .await?;
+            let store = state.silver.table().log_store().object_store(None);
+            applied
+                .tombstones
+                .save(&store, state.silver.version() + 1)
+                .await?;
+            counts.rows_out = applied.rows_changed();
+            counts.changes.get_or_insert_default().add(&applied.counts);
+            let mode = if replaced {
+                WriteMode::Overwrite
+            } else {
+                WriteMode::Replace(applied.removes.clone())
+            };
+            (applied.groups.clone(), mode, Some((table, applied)))
+        }
+    };
     let outcome = state
         .silver
-        .commit(
-            &silver,
+        .commit_files(
+            &groups,
             txn,
             smode,
             &[
@@ -103,6 +132,10 @@ pub(crate) async fn commit(
             );
         }
     };
+    if let Some((mut table, applied)) = applied {
+        table.committed(&state.silver, applied, version).await?;
+        state.cdc = Some(table);
+    }
     state.processed = last;
     state.keys.extend(new_keys);
     for (place, n) in [
@@ -183,16 +216,20 @@ pub(crate) async fn commit(
     );
 
     let schema = state.silver.schema().clone();
+    let cdc = state.contract.cdc.is_some();
     let commit = Commit {
         table: &silver_ref,
         version,
         operation: if replaced {
             Operation::Overwrite
+        } else if cdc {
+            Operation::Merge
         } else {
             Operation::Append
         },
         schema,
-        batches: &silver,
+        // A change feed's commit is read from the table, removals included.
+        batches: if cdc { &[] } else { &silver },
         links,
         partition: medallion_spec::version_partition(version, state.contract.partitions()),
     };

@@ -16,6 +16,12 @@
 //! announced (lost event, crash, retention) is read from the Bronze table by
 //! the reconcile tick.
 
+pub mod cdc_apply;
+#[cfg(test)]
+mod cdc_apply_tests;
+pub mod cdc_envelope;
+pub mod cdc_records;
+pub mod cdc_tombstones;
 pub mod cleanse;
 mod commit;
 pub mod config;

@@ -12,9 +12,12 @@ use arrow::datatypes::{Int64Type, TimestampMicrosecondType};
 use medallion_spec::layout::{bronze, quarantine_schema};
 use medallion_spec::{Contract, ExpectationAction};
 
+use crate::cdc_envelope::Op;
+use crate::cdc_records::ChangeRecords;
 use crate::cleanse::{cast_column, check_required, mask_pii, standardize};
-use crate::decode::{decode, raw_schema, split_records};
+use crate::decode::{Record, decode, raw_schema, split_records};
 use crate::dedupe::{KeyHashSet, KeySet, key_hashes};
+use medallion_spec::model::SourceFormat;
 
 pub use medallion_bus::quality::{ExpectationCount, QualityCounts};
 
@@ -72,22 +75,50 @@ pub fn transform(
         .expect("bronze received_at column")
         .as_primitive::<TimestampMicrosecondType>();
 
-    let records = split_records(spec.source.format, payloads);
-    let decoded = decode(
-        spec.source.format,
-        &raw_schema(&contract.declared_schema),
-        &records,
-    );
+    let split = split_records(spec.source.format, payloads);
     let mut quarantine = QuarantineRows::new(now_us, bronze_version);
     let mut counts = QualityCounts {
-        rows_in: records.len() as u64,
+        rows_in: split.len() as u64,
         ..Default::default()
     };
+    // A change feed's records are envelopes: their row images are what the
+    // contract reads, and quarantine keeps the envelope.
+    let changes = contract
+        .cdc
+        .as_ref()
+        .map(|plan| ChangeRecords::unwrap(plan, &split));
+    if let Some(c) = &changes {
+        for (i, reason) in &c.invalid {
+            let r = &split[*i];
+            quarantine.push(r.bytes, seqs.value(r.row), r.line, &[reason.clone()], &[]);
+        }
+        counts.invalid += c.invalid.len() as u64;
+        counts.changes = Some(medallion_bus::quality::ChangeCounts {
+            tombstones: c.tombstones,
+            ..Default::default()
+        });
+    }
+    let (records, raw): (Vec<Record<'_>>, Vec<&[u8]>) = match &changes {
+        Some(c) => (c.records(&split), c.raw(&split)),
+        None => (split.clone(), split.iter().map(|r| r.bytes).collect()),
+    };
+    let format = if changes.is_some() {
+        SourceFormat::Json
+    } else {
+        spec.source.format
+    };
+    let decoded = decode(format, &raw_schema(&contract.declared_schema), &records);
     for (i, reason) in &decoded.errors {
         let r = &records[*i];
-        quarantine.push(r.bytes, seqs.value(r.row), r.line, &[reason.clone()], &[]);
+        quarantine.push(raw[*i], seqs.value(r.row), r.line, &[reason.clone()], &[]);
     }
     counts.invalid += decoded.errors.len() as u64;
+    // Deletes carry the key only (Debezium's `before` may hold nothing else).
+    let is_delete: Vec<bool> = match &changes {
+        Some(c) => decoded.ok.iter().map(|i| c.ops[*i] == Op::Delete).collect(),
+        None => Vec::new(),
+    };
+    let deleted = |j: usize| is_delete.get(j).copied().unwrap_or(false);
 
     // Type every column; collect per-row errors.
     let n = decoded.batch.num_rows();
@@ -95,6 +126,18 @@ pub fn transform(
     let mut typed: Vec<ArrayRef> = Vec::with_capacity(spec.schema.len());
     for (ci, column) in spec.schema.iter().enumerate() {
         let raw = decoded.batch.column(ci).as_string::<i32>();
+        if is_delete.iter().any(|d| *d) && !contract.key().contains(&column.name) {
+            let mut errors: Vec<Vec<String>> = vec![Vec::new(); n];
+            let values = cast_column(&standardize(raw, column), column, &mut errors);
+            check_required(&values, column, &mut errors);
+            for (j, e) in errors.into_iter().enumerate() {
+                if !deleted(j) {
+                    row_errors[j].extend(e);
+                }
+            }
+            typed.push(mask_pii(values, column, pii_key));
+            continue;
+        }
         let values = cast_column(&standardize(raw, column), column, &mut row_errors);
         check_required(&values, column, &mut row_errors);
         typed.push(mask_pii(values, column, pii_key));
@@ -102,8 +145,9 @@ pub fn transform(
     let mut valid: Vec<bool> = row_errors.iter().map(Vec::is_empty).collect();
     for (j, errs) in row_errors.iter().enumerate() {
         if !errs.is_empty() {
-            let r = &records[decoded.ok[j]];
-            quarantine.push(r.bytes, seqs.value(r.row), r.line, errs, &[]);
+            let i = decoded.ok[j];
+            let r = &records[i];
+            quarantine.push(raw[i], seqs.value(r.row), r.line, errs, &[]);
             counts.invalid += 1;
         }
     }
@@ -128,7 +172,7 @@ pub fn transform(
                 let j = keep_idx[*row];
                 let r = &records[decoded.ok[j]];
                 quarantine.push(
-                    r.bytes,
+                    raw[decoded.ok[j]],
                     seqs.value(r.row),
                     r.line,
                     &[format!("derive {}: {msg}", d.name)],
@@ -173,6 +217,10 @@ pub fn transform(
         let entry = counts.expectations.entry(e.name.clone()).or_default();
         entry.action = e.action.to_string();
         for (row, failed) in failed_by_row.iter_mut().enumerate() {
+            if deleted(keep_idx[row]) {
+                // A delete has no row image to check.
+                continue;
+            }
             let pass = match &result {
                 Ok(b) => b.is_valid(row) && b.value(row),
                 Err(_) => false,
@@ -216,9 +264,13 @@ pub fn transform(
     let mut batch_keys = KeyHashSet::with_capacity_and_hasher(hashes.len(), Default::default());
     let mut keep = vec![false; m];
     let mut new_keys = Vec::with_capacity(hashes.len());
+    let change_seqs = changes
+        .as_ref()
+        .map(|c| c.sequences(contract, &logical, &keep_idx, &decoded.ok));
     for row in 0..m {
         let failed = &failed_by_row[row];
-        let r = &records[decoded.ok[keep_idx[row]]];
+        let i = decoded.ok[keep_idx[row]];
+        let r = &records[i];
         if failed
             .iter()
             .any(|(_, a)| *a == ExpectationAction::Quarantine)
@@ -227,11 +279,21 @@ pub fn transform(
                 .iter()
                 .map(|(ei, _)| contract.expectations[*ei].name.clone())
                 .collect();
-            quarantine.push(r.bytes, seqs.value(r.row), r.line, &[], &names);
+            quarantine.push(raw[i], seqs.value(r.row), r.line, &[], &names);
             continue;
         }
         if failed.iter().any(|(_, a)| *a == ExpectationAction::Drop) {
             counts.dropped += 1;
+            continue;
+        }
+        if let Some(s) = &change_seqs {
+            // A change feed keeps every change: the apply step orders them.
+            if let Some(reason) = s.missing(row) {
+                quarantine.push(raw[i], seqs.value(r.row), r.line, &[reason], &[]);
+                counts.invalid += 1;
+                continue;
+            }
+            keep[row] = true;
             continue;
         }
         if let Some(&h) = hashes.get(row) {
@@ -257,8 +319,18 @@ pub fn transform(
         TimestampMicrosecondArray::from_iter_values(origin.iter().map(|r| received.value(*r)))
             .with_timezone("UTC"),
     ));
-    let silver = RecordBatch::try_new(contract.silver_schema.clone(), silver_cols)
-        .expect("silver schema matches");
+    let silver = match (&changes, &change_seqs) {
+        (Some(c), Some(s)) => {
+            let rows: Vec<usize> = (0..m).filter(|r| keep[*r]).collect();
+            silver_cols.push(s.column(&rows));
+            silver_cols.push(c.op_column(rows.iter().map(|r| decoded.ok[keep_idx[*r]])));
+            new_keys.clear();
+            RecordBatch::try_new(crate::cdc_apply::change_schema(contract), silver_cols)
+                .expect("change schema matches")
+        }
+        _ => RecordBatch::try_new(contract.silver_schema.clone(), silver_cols)
+            .expect("silver schema matches"),
+    };
     counts.rows_out = silver.num_rows() as u64;
     counts.quarantined = quarantine.len() as u64;
     Ok(Output {

@@ -273,11 +273,20 @@ impl Stage for Transform {
         state.snapshot().await;
     }
 
-    /// Silver and its quarantine are appended: both are compacted.
+    /// Silver and its quarantine are appended: both are compacted. A
+    /// change feed's Silver is laid out by key bucket (one file each, every
+    /// commit rewrites the buckets it touches): compaction would mix buckets,
+    /// and its removals do not conflict with an apply's in delta-rs, so the
+    /// two could both rewrite one file and leave rows twice.
     fn maintained_tables(&self) -> TablesOf {
         Box::new(|c| {
+            let silver = TableRef::silver(c.domain(), c.name());
             vec![
-                MaintainedTable::appended(TableRef::silver(c.domain(), c.name())),
+                if c.cdc.is_some() {
+                    MaintainedTable::rewritten(silver)
+                } else {
+                    MaintainedTable::appended(silver)
+                },
                 MaintainedTable::appended(TableRef::quarantine(c.domain(), c.name())),
             ]
         })

@@ -41,6 +41,9 @@ pub(crate) struct ProductState {
     /// A step computed before its turn, with the Bronze version it starts at,
     /// its span and the trace contexts of its inputs.
     pub ahead: Option<Ahead>,
+    /// A change feed's files by bucket and its tombstones, read at its
+    /// first commit and after any commit not its own.
+    pub cdc: Option<crate::cdc_apply::CdcTable>,
 }
 
 pub(crate) struct Ahead {
@@ -69,8 +72,14 @@ pub(crate) fn pid(c: &Contract) -> String {
 }
 
 impl ProductState {
+    /// The columns Silver de-duplicates on: none for a change feed, which
+    /// keeps a key's changes by sequence instead.
+    pub fn dedupe_key(&self) -> &[String] {
+        dedupe_key(&self.contract)
+    }
+
     pub async fn snapshot(&mut self) {
-        if self.commits_since_snapshot == 0 || self.contract.key().is_empty() {
+        if self.commits_since_snapshot == 0 || self.dedupe_key().is_empty() {
             return;
         }
         let store = self.silver.table().log_store().object_store(None);
@@ -95,7 +104,7 @@ impl ProductState {
             return Err(Stale::Reopen);
         }
         self.processed = processed;
-        let key = self.contract.key().to_vec();
+        let key = self.dedupe_key().to_vec();
         let current = self.silver.version();
         if key.is_empty() || current <= self.keys_at {
             self.keys_at = self.keys_at.max(current);
@@ -136,6 +145,10 @@ impl ProductState {
         self.keys_at = current;
         Ok(())
     }
+}
+
+fn dedupe_key(c: &Contract) -> &[String] {
+    if c.cdc.is_some() { &[] } else { c.key() }
 }
 
 /// `(last Bronze version, generation)` of a Silver transaction version.
@@ -196,7 +209,7 @@ pub(crate) async fn open_state(
     let (processed, generation) = position(silver.txn_version());
     let keys = load_keys(
         &silver,
-        contract.key(),
+        dedupe_key(&contract),
         contract.dedupe_within,
         budget,
         &pid(&contract),
@@ -214,6 +227,7 @@ pub(crate) async fn open_state(
         commits_since_snapshot: 0,
         partitions: None,
         ahead: None,
+        cdc: None,
     })
 }
 
