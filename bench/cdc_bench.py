@@ -49,7 +49,6 @@ import json
 import math
 import os
 import random
-import resource
 import shutil
 import subprocess
 import sys
@@ -62,7 +61,7 @@ import polars as pl
 import pyarrow
 import pyarrow.compute as pc
 
-from harness import append_results, free_port, start_nats
+from harness import children_cpu, cpu_seconds, append_results, free_port, start_nats
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DOMAIN, PRODUCT = "bench", "accounts"
@@ -193,19 +192,6 @@ class DeltaLog:
         return out
 
 
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid):
-    """user + system CPU seconds of a running process so far."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
-def children_cpu():
-    r = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return r.ru_utime + r.ru_stime
 
 
 class Platform:

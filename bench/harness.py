@@ -3,6 +3,7 @@ latency quantiles from a service's /metrics, and results appended to
 docs/benchmarks.md."""
 
 import os
+import resource
 import shutil
 import socket
 import subprocess
@@ -48,3 +49,18 @@ def append_results(text):
     print(text)
     with open(DOCS, "a") as f:
         f.write(text)
+
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid):
+    """user + system CPU seconds of a running process so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def children_cpu():
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime

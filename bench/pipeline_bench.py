@@ -22,7 +22,6 @@ import argparse
 import asyncio
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -33,7 +32,7 @@ import deltalake
 import pyarrow
 import nats
 
-from harness import append_results, free_port, latency_quantiles, start_nats
+from harness import children_cpu, cpu_seconds, append_results, free_port, latency_quantiles, start_nats
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -84,19 +83,6 @@ class Platform:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid):
-    """user + system CPU seconds of a running process so far."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
-def children_cpu():
-    r = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return r.ru_utime + r.ru_stime
 
 
 def rust_publish(args, url, events, subject):

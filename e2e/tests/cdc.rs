@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use medallion_e2e::{Service, pipeline_vars, read_table, row_count, stop_all};
+use medallion_e2e::{Service, read_table, row_count, stop_all};
 use medallion_testkit::NatsServer;
 
 const NAMES: [&str; 3] = [
@@ -54,23 +54,16 @@ const SECRET: &str = "cdc-e2e-secret-0123456789abcdef0123456789";
 
 /// Settings of the pipeline services, then the catalog's.
 fn vars(nats: &str, lake: &Path) -> Vec<BTreeMap<String, String>> {
-    [
-        "MEDALLION_INGEST_ADDR",
-        "MEDALLION_TRANSFORM_ADDR",
-        "MEDALLION_AGGREGATE_ADDR",
-        "MEDALLION_CATALOG_ADDR",
-    ]
-    .iter()
-    .map(|a| {
-        let mut v = pipeline_vars(nats, lake, a);
-        v.insert("MEDALLION_PRODUCTS".into(), products());
-        v.insert("OTEL_SDK_DISABLED".into(), "true".into());
-        v.insert("MEDALLION_BATCH_ROWS".into(), "2000".into());
-        v.insert("MEDALLION_ACK_WAIT".into(), "5s".into());
-        v.insert("MEDALLION_JWT_SECRET".into(), SECRET.into());
-        v
-    })
-    .collect()
+    medallion_e2e::platform_vars(nats, lake)
+        .into_iter()
+        .map(|mut v| {
+            v.insert("MEDALLION_PRODUCTS".into(), products());
+            v.insert("MEDALLION_BATCH_ROWS".into(), "2000".into());
+            v.insert("MEDALLION_ACK_WAIT".into(), "5s".into());
+            v.insert("MEDALLION_JWT_SECRET".into(), SECRET.into());
+            v
+        })
+        .collect()
 }
 
 async fn connect(url: String) -> async_nats::jetstream::Context {

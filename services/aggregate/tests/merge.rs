@@ -101,6 +101,17 @@ fn assert_same(a: &[(Vec<String>, Vec<f64>)], b: &[(Vec<String>, Vec<f64>)]) {
     }
 }
 
+/// The Gold SQL run once by DataFusion over `silver`.
+async fn one_shot(sql: &str, silver: RecordBatch) -> RecordBatch {
+    let ctx = SessionContext::new();
+    ctx.register_batch("silver", silver).unwrap();
+    let df = ctx.sql(sql).await.unwrap();
+    // From the plan, not the first batch: a WHERE can leave no batch at all.
+    let schema = df.schema().inner().clone();
+    let once = df.collect().await.unwrap();
+    arrow::compute::concat_batches(&schema, &once).unwrap()
+}
+
 fn row_strategy() -> impl Strategy<Value = Row> {
     (
         proptest::option::weighted(0.9, 0u8..3),
@@ -147,13 +158,7 @@ proptest! {
             }
             let incremental = state.all_rows();
 
-            let ctx = SessionContext::new();
-            ctx.register_batch("silver", arrow::compute::concat_batches(&contract.silver_schema, &silver).unwrap()).unwrap();
-            let df = ctx.sql(&plan.sql).await.unwrap();
-            // From the plan, not the first batch: a WHERE can leave no batch at all.
-            let schema = df.schema().inner().clone();
-            let once = df.collect().await.unwrap();
-            let once = arrow::compute::concat_batches(&schema, &once).unwrap();
+            let once = one_shot(&plan.sql, arrow::compute::concat_batches(&contract.silver_schema, &silver).unwrap()).await;
             let n = plan.output_schema.fields().len();
             assert_same(&sorted_rows(&incremental, n), &sorted_rows(&once, n));
         });
@@ -229,12 +234,7 @@ proptest! {
             state.retract(&p).unwrap();
             let incremental = state.all_rows();
 
-            let ctx = SessionContext::new();
-            ctx.register_batch("silver", left).unwrap();
-            let df = ctx.sql(&plan.sql).await.unwrap();
-            let schema = df.schema().inner().clone();
-            let once = df.collect().await.unwrap();
-            let once = arrow::compute::concat_batches(&schema, &once).unwrap();
+            let once = one_shot(&plan.sql, left).await;
             let n = plan.output_schema.fields().len();
             assert_same(&sorted_rows(&incremental, n), &sorted_rows(&once, n));
         });
