@@ -307,6 +307,12 @@ fn check_cdc(
             "a change feed keeps one row per key by sequence (spec.cdc.sequence_by); remove spec.dedupe".into(),
         );
     }
+    if s.source.format == crate::model::SourceFormat::Csv {
+        err(
+            "spec.source.format",
+            "change events are JSON records; use `format: json` (one per message) or `ndjson` (one per line)".into(),
+        );
+    }
     let paths = c.sequence_by.paths();
     if paths.is_empty() || paths.iter().any(|p| p.trim().is_empty()) {
         err(

@@ -400,6 +400,7 @@ async fn change_feed_mistakes_name_their_field_and_fix() {
     let p = with_spec_edit(|p| {
         p.spec.key.clear();
         p.spec.partitions = 4;
+        p.spec.source.format = SourceFormat::Csv;
         p.spec.dedupe = Some(Dedupe {
             within: "1d".into(),
         });
@@ -416,6 +417,7 @@ async fn change_feed_mistakes_name_their_field_and_fix() {
         "spec.cdc.operation: format: generic needs",
         "spec.cdc.sequence_by: `lsn` is not a declared column",
         "spec.cdc.keep_deletes_for: `soon` is not a duration",
+        "spec.source.format: change events are JSON records",
     ] {
         assert!(text.contains(expected), "missing `{expected}` in:\n{text}");
     }

@@ -132,13 +132,15 @@ pub(crate) async fn compute(
         let added = poison::partials(&t.state, &rows, &batch_versions, max_deliver)
             .instrument(span.clone())
             .await?;
-        retract = t
-            .state
-            .partials(&retracted)
+        // Under the same guard as rows merged: a row that was dead-lettered
+        // when it came in was never added, so it cannot come out; Gold is
+        // recomputed instead.
+        let versions = vec![last; retracted.len()];
+        let (out, poisoned) = poison::partials(&t.state, &retracted, &versions, max_deliver)
             .instrument(span.clone())
-            .await
-            .map_err(|e| e.to_string())?;
-        if t.state.holds_groups(&retract, &added.0) {
+            .await?;
+        retract = out;
+        if poisoned.is_empty() && t.state.holds_groups(&retract, &added.0) {
             merged = Some(added);
         } else {
             refresh = true;

@@ -27,6 +27,16 @@ pub(crate) async fn changed_rows(
     let Some(summary) = commit_summary(tref, table, version).await? else {
         return Ok(None);
     };
+    // A replay rewrote Silver under a new generation (perhaps a new spec):
+    // its old rows are not what Gold once took in, so Gold is recomputed.
+    let generation = |m: Option<std::collections::HashMap<String, serde_json::Value>>| {
+        m.and_then(|m| m.get("medallion.generation").and_then(|g| g.as_i64()))
+    };
+    let now = generation(medallion_lake::commit_metadata(tref, table, version).await?);
+    let before = generation(medallion_lake::commit_metadata(tref, table, version - 1).await?);
+    if now.is_none() || now != before {
+        return Ok(None);
+    }
     let store = table.log_store().object_store(None);
     let schema = medallion_lake::writer::table_schema(tref, table)?;
     let mut removed = Vec::new();

@@ -239,9 +239,18 @@ impl GoldState {
                 self.buckets[bucket].remove(key);
                 continue;
             }
-            for (_, sum, count) in &r.non_null {
-                if is_zero(&g.partials[*count]) {
-                    g.partials[*sum] = ScalarValue::try_from(&self.plan.partial_types[*sum])
+            // A sum (an avg's too) of no value left is NULL, not what
+            // subtracting left over.
+            let avgs = self
+                .plan
+                .aggregates
+                .iter()
+                .filter(|a| a.kind == AggKind::Avg)
+                .map(|a| (a.partials[0], a.partials[1]));
+            let sums = r.non_null.iter().map(|(_, s, c)| (*s, *c));
+            for (sum, count) in sums.chain(avgs) {
+                if is_zero(&g.partials[count]) {
+                    g.partials[sum] = ScalarValue::try_from(&self.plan.partial_types[sum])
                         .unwrap_or(ScalarValue::Null);
                 }
             }

@@ -43,7 +43,12 @@ fn bucket(hash: u128) -> u64 {
 /// change-feed ones, then the change's sequence and operation.
 pub fn change_schema(contract: &Contract) -> SchemaRef {
     let plan = contract.cdc.as_ref().expect("a change feed");
-    let mut fields: Vec<Arc<Field>> = base_fields(contract);
+    // Nullable: a delete carries its key only, whatever the spec requires
+    // of a row (rows written to Silver are checked against it).
+    let mut fields: Vec<Arc<Field>> = base_fields(contract)
+        .into_iter()
+        .map(|f| Arc::new(f.as_ref().clone().with_nullable(true)))
+        .collect();
     fields.push(Arc::new(Field::new(
         CDC_SEQUENCE_COLUMN,
         plan.sequence_type.clone(),
@@ -139,7 +144,7 @@ impl CdcTable {
             files.insert(f.path.clone(), (f, buckets));
         }
         let version = writer.version();
-        let tombstones = Tombstones::load(&store, version).await?;
+        let tombstones = Tombstones::load(writer.table_ref(), writer.table()).await?;
         Ok(CdcTable {
             version,
             files,

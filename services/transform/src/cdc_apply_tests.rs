@@ -125,15 +125,12 @@ async fn run(
             .await
             .unwrap();
         let store = w.table().log_store().object_store(None);
-        applied
-            .tombstones
-            .save(&store, w.version() + 1)
-            .await
-            .unwrap();
+        let name = applied.tombstones.save(&store).await.unwrap();
         let mode = medallion_lake::WriteMode::Replace(applied.removes.clone());
         let groups = applied.groups.clone();
+        let metadata = [(crate::cdc_tombstones::METADATA_KEY, name.into())];
         let v = match w
-            .commit_files(&groups, i as i64 + 1, mode, &[])
+            .commit_files(&groups, i as i64 + 1, mode, &metadata)
             .await
             .unwrap()
         {

@@ -1,10 +1,11 @@
 //! Deleted keys of a change-feed table, remembered for
 //! `spec.cdc.keep_deletes_for` so that an older change arriving after the
 //! delete does not bring the row back. A Delta table shows no deleted row,
-//! so they are kept beside it: one Arrow IPC file per Silver version that
-//! has any (`_medallion/cdc/tombstones-<version>.arrow`), written before
-//! the commit of that version; a restart reads the newest at or below the
-//! table's version.
+//! so they are kept beside it: each change-feed commit writes the set to a
+//! file of its own (`_medallion/cdc/tombstones-<unique>.arrow`) before it
+//! commits, and names that file in the commit's metadata
+//! ([`METADATA_KEY`]). A restart reads the file the newest commit naming one
+//! names: a set written for a commit that never landed is never read.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -28,9 +29,12 @@ pub struct Tombstones {
     map: HashMap<u128, BTreeMap<SeqValue, i64>>,
 }
 
-fn path(version: i64) -> Path {
-    Path::from(format!("{DIR}/tombstones-{version:020}.arrow"))
-}
+/// The commit metadata key naming the set a commit wrote.
+pub const METADATA_KEY: &str = "medallion.cdc.tombstones";
+
+/// Commits read back from the newest when looking for the one naming a set
+/// (maintenance commits in between name none).
+const LOOK_BACK: i64 = 50;
 
 impl Tombstones {
     /// Every `(key hash, delete sequence)`.
@@ -71,10 +75,9 @@ impl Tombstones {
         });
     }
 
-    /// Writes the set for Silver `version` (before its commit: a commit
-    /// never lands without its tombstones), and removes older sets but the
-    /// one before, which a reader of the previous version may still load.
-    pub async fn save(&self, store: &Arc<dyn ObjectStore>, version: i64) -> Result<(), String> {
+    /// Writes the set to a new file, before the commit that names it;
+    /// returns the file's name for the commit's metadata.
+    pub async fn save(&self, store: &Arc<dyn ObjectStore>) -> Result<String, String> {
         let err = |e: &dyn std::fmt::Display| format!("change-feed tombstones: {e}");
         let mut hi = Vec::with_capacity(self.map.len());
         let mut lo = Vec::with_capacity(self.map.len());
@@ -118,37 +121,71 @@ impl Tombstones {
             w.write(&batch).map_err(|e| err(&e))?;
             w.finish().map_err(|e| err(&e))?;
         }
+        let name = format!(
+            "tombstones-{:020}-{:08x}.arrow",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_micros())
+                .unwrap_or(0),
+            rand_suffix()
+        );
         store
-            .put(&path(version), bytes.into())
+            .put(&Path::from(format!("{DIR}/{name}")), bytes.into())
             .await
             .map_err(|e| err(&e))?;
-        // The newest set below this one stays: if this commit never lands,
-        // a restart reads it. Older ones go (best effort: a leftover is only
-        // read if nothing newer is).
-        let sets = list(store).await?;
-        if let Some(keep) = sets.iter().map(|(v, _)| *v).filter(|v| *v < version).max() {
-            for (v, p) in sets {
-                if v < keep {
-                    let _ = store.delete(&p).await;
-                }
-            }
-        }
-        Ok(())
+        Ok(name)
     }
 
-    /// The newest set at or below `version`; empty if there is none.
-    pub async fn load(store: &Arc<dyn ObjectStore>, version: i64) -> Result<Tombstones, String> {
-        let err = |e: &dyn std::fmt::Display| format!("change-feed tombstones: {e}");
-        let Some((_, p)) = list(store)
-            .await?
-            .into_iter()
-            .filter(|(v, _)| *v <= version)
-            .max_by_key(|(v, _)| *v)
+    /// Removes every set but `keep` (after the commit naming `keep` landed).
+    pub async fn clean(store: &Arc<dyn ObjectStore>, keep: &str) {
+        let Ok(metas) = store
+            .list(Some(&Path::from(DIR)))
+            .try_collect::<Vec<_>>()
+            .await
         else {
+            return;
+        };
+        for m in metas {
+            if m.location.filename() != Some(keep) {
+                // Best effort: a leftover is never read (no commit names it).
+                let _ = store.delete(&m.location).await;
+            }
+        }
+    }
+
+    /// The set named by the newest commit of `table` that names one; empty
+    /// if none does.
+    pub async fn load(
+        tref: &medallion_spec::TableRef,
+        table: &deltalake::DeltaTable,
+    ) -> Result<Tombstones, String> {
+        let version = table.version().map(|v| v as i64).unwrap_or(-1);
+        let mut name = None;
+        for v in (0..=version).rev().take(LOOK_BACK as usize) {
+            let meta = medallion_lake::commit_metadata(tref, table, v)
+                .await
+                .map_err(|e| e.to_string())?;
+            if let Some(n) = meta
+                .as_ref()
+                .and_then(|m| m.get(METADATA_KEY))
+                .and_then(|n| n.as_str())
+            {
+                name = Some(n.to_string());
+                break;
+            }
+        }
+        let Some(name) = name else {
             return Ok(Tombstones::default());
         };
+        let store = table.log_store().object_store(None);
+        Self::read(&store, &name).await
+    }
+
+    /// The set in file `name`.
+    async fn read(store: &Arc<dyn ObjectStore>, name: &str) -> Result<Tombstones, String> {
+        let err = |e: &dyn std::fmt::Display| format!("change-feed tombstones: {e}");
         let bytes = store
-            .get(&p)
+            .get(&Path::from(format!("{DIR}/{name}")))
             .await
             .map_err(|e| err(&e))?
             .bytes()
@@ -188,25 +225,12 @@ fn schema() -> Arc<Schema> {
     ]))
 }
 
-/// Every set's `(version, path)`.
-async fn list(store: &Arc<dyn ObjectStore>) -> Result<Vec<(i64, Path)>, String> {
-    let metas: Vec<_> = store
-        .list(Some(&Path::from(DIR)))
-        .try_collect()
-        .await
-        .map_err(|e| format!("change-feed tombstones: {e}"))?;
-    Ok(metas
-        .into_iter()
-        .filter_map(|m| {
-            let name = m.location.filename()?;
-            let v = name
-                .strip_prefix("tombstones-")?
-                .strip_suffix(".arrow")?
-                .parse()
-                .ok()?;
-            Some((v, m.location))
-        })
-        .collect())
+/// Tells apart two sets written in the same microsecond (two replicas).
+fn rand_suffix() -> u32 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u32(std::process::id());
+    h.finish() as u32
 }
 
 #[cfg(test)]
@@ -214,26 +238,21 @@ mod tests {
     use super::*;
 
     #[tokio::test]
-    async fn the_newest_set_at_or_below_a_version_is_read_back() {
+    async fn a_set_is_read_back_and_clean_keeps_only_the_named_one() {
         let store: Arc<dyn ObjectStore> = Arc::new(object_store::memory::InMemory::new());
         let mut t = Tombstones::default();
         t.remember(7, SeqValue::Int(10), 1_000);
-        t.save(&store, 3).await.unwrap();
+        let first = t.save(&store).await.unwrap();
         t.remember(9, SeqValue::Str("a/b".into()), 2_000);
         t.remember(7, SeqValue::Int(10), 2_000); // known: keeps 1,000
-        t.save(&store, 5).await.unwrap();
-        assert_eq!(Tombstones::load(&store, 2).await.unwrap().len(), 0);
-        // Commit 5 may never land: the set of 3 is what version 4 reads.
-        assert_eq!(Tombstones::load(&store, 4).await.unwrap().len(), 1);
-        t.save(&store, 8).await.unwrap();
-        assert_eq!(
-            Tombstones::load(&store, 4).await.unwrap().len(),
-            0,
-            "the set of 3 is gone"
-        );
-        assert_eq!(Tombstones::load(&store, 7).await.unwrap().len(), 2);
-        let back = Tombstones::load(&store, 9).await.unwrap();
+        let second = t.save(&store).await.unwrap();
+        assert_ne!(first, second);
+        assert_eq!(Tombstones::read(&store, &first).await.unwrap().len(), 1);
+        let back = Tombstones::read(&store, &second).await.unwrap();
         assert_eq!(back, t);
+        Tombstones::clean(&store, &second).await;
+        assert!(Tombstones::read(&store, &first).await.is_err());
+        assert_eq!(Tombstones::read(&store, &second).await.unwrap(), t);
         let mut e = back.clone();
         e.expire(2_500, std::time::Duration::from_micros(1_000));
         assert_eq!(

@@ -85,6 +85,10 @@ pub(crate) async fn commit(
     failpoint::hit("transform.between_commits");
     // A change feed's step is applied to the rows it changes: the files of
     // the touched buckets are rewritten in the same commit.
+    let mut metadata = vec![
+        ("medallion.bronze_version", last.into()),
+        ("medallion.generation", state.generation.into()),
+    ];
     let (groups, smode, applied) = match &state.contract.cdc {
         None => (vec![silver.clone()], smode, None),
         Some(_) => {
@@ -97,10 +101,8 @@ pub(crate) async fn commit(
                 .apply(&state.contract, &state.silver, &silver, now_us())
                 .await?;
             let store = state.silver.table().log_store().object_store(None);
-            applied
-                .tombstones
-                .save(&store, state.silver.version() + 1)
-                .await?;
+            let name = applied.tombstones.save(&store).await?;
+            metadata.push((crate::cdc_tombstones::METADATA_KEY, name.clone().into()));
             counts.rows_out = applied.rows_changed();
             counts.changes.get_or_insert_default().add(&applied.counts);
             let mode = if replaced {
@@ -108,20 +110,12 @@ pub(crate) async fn commit(
             } else {
                 WriteMode::Replace(applied.removes.clone())
             };
-            (applied.groups.clone(), mode, Some((table, applied)))
+            (applied.groups.clone(), mode, Some((table, applied, name)))
         }
     };
     let outcome = state
         .silver
-        .commit_files(
-            &groups,
-            txn,
-            smode,
-            &[
-                ("medallion.bronze_version", last.into()),
-                ("medallion.generation", state.generation.into()),
-            ],
-        )
+        .commit_files(&groups, txn, smode, &metadata)
         .await
         .map_err(|e| e.to_string())?;
     let version = match outcome {
@@ -132,9 +126,21 @@ pub(crate) async fn commit(
             );
         }
     };
-    if let Some((mut table, applied)) = applied {
-        table.committed(&state.silver, applied, version).await?;
-        state.cdc = Some(table);
+    if let Some((mut table, applied, name)) = applied {
+        // Only a commit right after the one the files were read at keeps
+        // them current: one that landed after another's (an erasure's
+        // rewrite, rebased by delta-rs) is read again next time.
+        state.cdc = None;
+        if version == table.version + 1
+            && table
+                .committed(&state.silver, applied, version)
+                .await
+                .is_ok()
+        {
+            state.cdc = Some(table);
+        }
+        let store = state.silver.table().log_store().object_store(None);
+        crate::cdc_tombstones::Tombstones::clean(&store, &name).await;
     }
     state.processed = last;
     state.keys.extend(new_keys);

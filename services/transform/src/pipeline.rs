@@ -159,7 +159,18 @@ pub fn transform(
         .iter()
         .map(|c| filter(c, &mask).expect("same length"))
         .collect();
-    let mut fields: Vec<_> = contract.declared_schema.fields().iter().cloned().collect();
+    // A change feed's deletes carry the key only: its rows are checked
+    // against the spec's required columns when written, not here.
+    let loosen = |f: &Arc<arrow::datatypes::Field>| match changes {
+        Some(_) => Arc::new(f.as_ref().clone().with_nullable(true)),
+        None => f.clone(),
+    };
+    let mut fields: Vec<_> = contract
+        .declared_schema
+        .fields()
+        .iter()
+        .map(loosen)
+        .collect();
     for d in &contract.derive {
         let schema = Arc::new(arrow::datatypes::Schema::new(fields.clone()));
         let batch = RecordBatch::try_new(schema, columns.clone()).expect("declared columns match");
@@ -168,8 +179,12 @@ pub fn transform(
             // Rows where the expression errors (e.g. an overflow) are quarantined.
             let mut drop = vec![true; batch.num_rows()];
             for (row, msg) in &failed {
-                drop[*row] = false;
                 let j = keep_idx[*row];
+                if deleted(j) {
+                    // A delete keeps its key only: nothing to derive.
+                    continue;
+                }
+                drop[*row] = false;
                 let r = &records[decoded.ok[j]];
                 quarantine.push(
                     raw[decoded.ok[j]],
@@ -202,8 +217,18 @@ pub fn transform(
             true,
         )));
     }
-    let logical = RecordBatch::try_new(contract.logical_schema.clone(), columns)
-        .expect("logical schema matches");
+    let logical_schema = match changes {
+        Some(_) => Arc::new(arrow::datatypes::Schema::new(
+            contract
+                .logical_schema
+                .fields()
+                .iter()
+                .map(loosen)
+                .collect::<Vec<_>>(),
+        )),
+        None => contract.logical_schema.clone(),
+    };
+    let logical = RecordBatch::try_new(logical_schema, columns).expect("logical schema matches");
 
     // Expectations: NULL counts as a failure (SQL's unknown is not a pass).
     let m = logical.num_rows();
