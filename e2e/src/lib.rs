@@ -224,6 +224,15 @@ pub async fn start_services(
         .zip(vars)
         .map(|(n, v)| Service::start(n, v, logs))
         .collect();
+    let js = streams_declared(nats_url, &services).await;
+    (services, js)
+}
+
+/// Connects to NATS and waits until the services have declared the streams.
+pub async fn streams_declared(
+    nats_url: String,
+    services: &[Service],
+) -> async_nats::jetstream::Context {
     let client = async_nats::ConnectOptions::new()
         .retry_on_initial_connect()
         .connect(nats_url)
@@ -236,11 +245,11 @@ pub async fn start_services(
         assert!(
             std::time::Instant::now() < deadline,
             "the services did not declare the streams within 90 s:\n{}",
-            services_logs(&services)
+            services_logs(services)
         );
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
-    (services, js)
+    js
 }
 
 /// One ndjson message of `n` payment events numbered from `first`, ids

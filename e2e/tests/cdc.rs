@@ -66,27 +66,6 @@ fn vars(nats: &str, lake: &Path) -> Vec<BTreeMap<String, String>> {
         .collect()
 }
 
-async fn connect(url: String) -> async_nats::jetstream::Context {
-    let client = async_nats::ConnectOptions::new()
-        .retry_on_initial_connect()
-        .connect(url)
-        .await
-        .expect("connect to NATS");
-    async_nats::jetstream::new(client)
-}
-
-async fn wait_for_streams(js: &async_nats::jetstream::Context, services: &[Service]) {
-    let deadline = Instant::now() + Duration::from_secs(90);
-    while js.get_stream("MEDALLION_INGEST").await.is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "no streams within 90 s:\n{}",
-            medallion_e2e::services_logs(services)
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// Message bodies of one fixture file.
 fn bodies(dir: &Path, file: &str) -> Vec<String> {
     let text = std::fs::read_to_string(dir.join(file)).expect("fixture file");
@@ -120,13 +99,9 @@ async fn run_variant(fixtures: &Path, variant: &str) {
     let logs = tempfile::tempdir().unwrap();
     let vars = vars(&nats.url(), lake.path());
     let catalog = vars[3]["MEDALLION_CATALOG_ADDR"].clone();
-    let mut services: Vec<Service> = medallion_e2e::PLATFORM
-        .iter()
-        .zip(&vars)
-        .map(|(n, v)| Service::start(n, v, logs.path()))
-        .collect();
-    let js = connect(nats.url()).await;
-    wait_for_streams(&js, &services).await;
+    let (mut services, js) =
+        medallion_e2e::start_services(&medallion_e2e::PLATFORM, &vars, logs.path(), nats.url())
+            .await;
     let manifest: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(fixtures.join("manifest.json")).unwrap())
             .unwrap();
@@ -276,8 +251,7 @@ async fn kill_9_of_transform_and_aggregate_during_50k_changes_changes_nothing() 
         )
     };
     let mut services: Vec<Service> = (0..3).map(start).collect();
-    let js = connect(nats.url()).await;
-    wait_for_streams(&js, &services).await;
+    let js = medallion_e2e::streams_declared(nats.url(), &services).await;
 
     let producer = {
         let js = js.clone();

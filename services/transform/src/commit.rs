@@ -97,7 +97,7 @@ pub(crate) async fn commit(
                 Some(t) if t.version == state.silver.version() => t,
                 _ => CdcTable::load(&state.contract, &state.silver).await?,
             };
-            let applied = table
+            let mut applied = table
                 .apply(&state.contract, &state.silver, &silver, now_us())
                 .await?;
             let store = state.silver.table().log_store().object_store(None);
@@ -108,9 +108,10 @@ pub(crate) async fn commit(
             let mode = if replaced {
                 WriteMode::Overwrite
             } else {
-                WriteMode::Replace(applied.removes.clone())
+                WriteMode::Replace(std::mem::take(&mut applied.removes))
             };
-            (applied.groups.clone(), mode, Some((table, applied, name)))
+            let groups = std::mem::take(&mut applied.groups);
+            (groups, mode, Some((table, applied, name)))
         }
     };
     let outcome = state

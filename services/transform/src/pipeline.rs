@@ -1,6 +1,7 @@
 //! One Bronze commit → Silver rows + quarantine rows + quality counts. Pure:
 //! no IO, so golden tests run it directly.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use arrow::array::{
@@ -10,6 +11,7 @@ use arrow::array::{
 use arrow::compute::{filter, filter_record_batch};
 use arrow::datatypes::{Int64Type, TimestampMicrosecondType};
 use medallion_spec::layout::{bronze, quarantine_schema};
+use medallion_spec::model::SourceFormat;
 use medallion_spec::{Contract, ExpectationAction};
 
 use crate::cdc_envelope::Op;
@@ -17,7 +19,6 @@ use crate::cdc_records::ChangeRecords;
 use crate::cleanse::{cast_column, check_required, mask_pii, standardize};
 use crate::decode::{Record, decode, raw_schema, split_records};
 use crate::dedupe::{KeyHashSet, KeySet, key_hashes};
-use medallion_spec::model::SourceFormat;
 
 pub use medallion_bus::quality::{ExpectationCount, QualityCounts};
 
@@ -98,10 +99,13 @@ pub fn transform(
             ..Default::default()
         });
     }
-    let (records, raw): (Vec<Record<'_>>, Vec<&[u8]>) = match &changes {
-        Some(c) => (c.records(&split), c.raw(&split)),
-        None => (split.clone(), split.iter().map(|r| r.bytes).collect()),
+    // Without a change feed the split records are decoded as they are (no
+    // copy on this hot path) and quarantine keeps their bytes.
+    let (records, envelopes): (Cow<'_, [Record<'_>]>, Option<Vec<&[u8]>>) = match &changes {
+        Some(c) => (Cow::Owned(c.records(&split)), Some(c.raw(&split))),
+        None => (Cow::Borrowed(&split), None),
     };
+    let envelope_of = |i: usize| envelopes.as_ref().map_or(records[i].bytes, |e| e[i]);
     let format = if changes.is_some() {
         SourceFormat::Json
     } else {
@@ -110,7 +114,13 @@ pub fn transform(
     let decoded = decode(format, &raw_schema(&contract.declared_schema), &records);
     for (i, reason) in &decoded.errors {
         let r = &records[*i];
-        quarantine.push(raw[*i], seqs.value(r.row), r.line, &[reason.clone()], &[]);
+        quarantine.push(
+            envelope_of(*i),
+            seqs.value(r.row),
+            r.line,
+            &[reason.clone()],
+            &[],
+        );
     }
     counts.invalid += decoded.errors.len() as u64;
     // Deletes carry the key only (Debezium's `before` may hold nothing else).
@@ -147,7 +157,7 @@ pub fn transform(
         if !errs.is_empty() {
             let i = decoded.ok[j];
             let r = &records[i];
-            quarantine.push(raw[i], seqs.value(r.row), r.line, errs, &[]);
+            quarantine.push(envelope_of(i), seqs.value(r.row), r.line, errs, &[]);
             counts.invalid += 1;
         }
     }
@@ -187,7 +197,7 @@ pub fn transform(
                 drop[*row] = false;
                 let r = &records[decoded.ok[j]];
                 quarantine.push(
-                    raw[decoded.ok[j]],
+                    envelope_of(decoded.ok[j]),
                     seqs.value(r.row),
                     r.line,
                     &[format!("derive {}: {msg}", d.name)],
@@ -281,7 +291,8 @@ pub fn transform(
                 .clone()
         })
         .collect();
-    let hashes = if key_cols.is_empty() {
+    // A change feed keeps every change (no dedupe): no key hashes.
+    let hashes = if key_cols.is_empty() || changes.is_some() {
         Vec::new()
     } else {
         key_hashes(&key_cols).expect("row encoding of supported types")
@@ -304,7 +315,7 @@ pub fn transform(
                 .iter()
                 .map(|(ei, _)| contract.expectations[*ei].name.clone())
                 .collect();
-            quarantine.push(raw[i], seqs.value(r.row), r.line, &[], &names);
+            quarantine.push(envelope_of(i), seqs.value(r.row), r.line, &[], &names);
             continue;
         }
         if failed.iter().any(|(_, a)| *a == ExpectationAction::Drop) {
@@ -314,7 +325,7 @@ pub fn transform(
         if let Some(s) = &change_seqs {
             // A change feed keeps every change: the apply step orders them.
             if let Some(reason) = s.missing(row) {
-                quarantine.push(raw[i], seqs.value(r.row), r.line, &[reason], &[]);
+                quarantine.push(envelope_of(i), seqs.value(r.row), r.line, &[reason], &[]);
                 counts.invalid += 1;
                 continue;
             }
