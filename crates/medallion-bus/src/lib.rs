@@ -12,6 +12,7 @@ mod error;
 pub mod event;
 pub mod headers;
 pub mod horizon;
+pub mod ordered;
 pub mod ownership;
 pub mod quality;
 pub mod registry;

@@ -49,6 +49,9 @@ pub struct LoadReport {
     pub messages: u64,
     pub events: u64,
     pub bytes: u64,
+    /// When the first publish went out (Unix seconds): a harness times what
+    /// follows (the commits downstream) from here, as `seconds` does.
+    pub started_at: f64,
     pub seconds: f64,
     pub events_per_s: f64,
     pub messages_per_s: f64,
@@ -139,6 +142,7 @@ pub async fn run(nats: &str, a: LoadArgs) -> anyhow::Result<LoadReport> {
     let in_flight = a.in_flight.max(1);
 
     let started = Instant::now();
+    let started_at = now_nanos() as f64 / 1e9;
     let mut pending = FuturesUnordered::new();
     let mut t = Tally::default();
     let mut sent_events = 0u64;
@@ -239,6 +243,7 @@ pub async fn run(nats: &str, a: LoadArgs) -> anyhow::Result<LoadReport> {
         messages: acked_messages,
         events: acked_events,
         bytes,
+        started_at,
         seconds,
         events_per_s: acked_events as f64 / seconds,
         messages_per_s: acked_messages as f64 / seconds,

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use async_nats::HeaderMap;
 use async_nats::jetstream::{self, consumer::DeliverPolicy, consumer::pull::OrderedConfig};
 use medallion_bus::batching::{Batch, BatchLimits, next_batch_or_idle};
+use medallion_bus::ordered::ordered_messages;
 use medallion_bus::ownership::UnitId;
 use medallion_bus::streams::{DLQ_SUBJECTS, INGEST_STREAM};
 use medallion_bus::{Commit, Operation, headers, publish_commit, trace};
@@ -141,14 +142,17 @@ pub(crate) async fn unit_worker(
     mut partitions: watch::Receiver<u32>,
 ) {
     let tref = TableRef::bronze(&u.domain, &u.product);
-    let mut unit = Unit {
+    let mut unit = Committer::new(Unit {
         u: u.clone(),
         tref,
         shared: shared.clone(),
         writer: None,
-    };
+        trailing: None,
+    });
     let mut names = ConsumerName::new(&u);
     while !stop.is_cancelled() {
+        // Re-reading starts after the last purge: less to skip.
+        unit.finish().await;
         let n = *partitions.borrow_and_update();
         let subjects = unit_subjects(&u, n);
         if let Some(old) = names.previous() {
@@ -156,27 +160,21 @@ pub(crate) async fn unit_worker(
         }
         // Everything still in the stream on these subjects is not yet known
         // to be in Bronze: read it all (committed messages are skipped).
-        let consumer = match shared
-            .stream
-            .create_consumer(OrderedConfig {
+        let mut messages = match ordered_messages(
+            &shared.stream,
+            OrderedConfig {
                 name: Some(names.next()),
                 filter_subjects: subjects.clone(),
                 deliver_policy: DeliverPolicy::All,
                 ..Default::default()
-            })
-            .await
+            },
+            medallion_bus::max_payload(&shared.client),
+        )
+        .await
         {
-            Ok(c) => c,
-            Err(e) => {
-                shared.problem("nats", format!("cannot create the consumer of {u}: {e}"));
-                pause(&stop).await;
-                continue;
-            }
-        };
-        let mut messages = match consumer.messages().await {
             Ok(m) => m,
             Err(e) => {
-                shared.problem("nats", format!("cannot pull the messages of {u}: {e}"));
+                shared.problem("nats", format!("cannot read the messages of {u}: {e}"));
                 pause(&stop).await;
                 continue;
             }
@@ -188,8 +186,14 @@ pub(crate) async fn unit_worker(
                 b = next_batch_or_idle(&mut messages, shared.batch, Some(IDLE_CHECK), &stop) => b,
             };
             match batch {
-                Batch::Shutdown => return,
+                Batch::Shutdown => {
+                    unit.finish().await;
+                    return;
+                }
                 Batch::Idle => {
+                    if !unit.settle().await {
+                        break;
+                    }
                     // Purged after every commit: messages still there while
                     // the consumer hears nothing were lost on the way (a
                     // reconnect while a pull was in flight drops them, and an
@@ -206,9 +210,13 @@ pub(crate) async fn unit_worker(
                     shared.ownership.set_backlog(&u, 0);
                 }
                 Batch::Messages(batch) => {
-                    if !unit.process(batch, &stop).await {
+                    // The batch before this one is still being committed:
+                    // this one waits for it (a failure there means reading
+                    // again from the stream, this batch included).
+                    if !unit.settle().await {
                         break;
                     }
+                    unit.start(batch, &stop);
                 }
                 Batch::Broken(batch, error) => {
                     warn!(unit = %u, %error, "message stream interrupted; resuming from the stream");
@@ -217,16 +225,78 @@ pub(crate) async fn unit_worker(
                         .errors
                         .with_label_values(&["ingest", "consumer"])
                         .inc();
-                    if !batch.is_empty() {
-                        unit.process(batch, &stop).await;
+                    if unit.settle().await && !batch.is_empty() {
+                        unit.start(batch, &stop);
                     }
                     break;
                 }
             }
         }
     }
+    unit.finish().await;
     if let Some(old) = names.previous() {
         let _ = shared.stream.delete_consumer(&old).await;
+    }
+}
+
+/// Runs a unit's commits one at a time beside the reading: while batch N is
+/// committed, batch N+1 is gathered from the stream (on one core the
+/// receiving and the Parquet encoding no longer take turns).
+struct Committer {
+    idle: Option<Unit>,
+    busy: Option<tokio::task::JoinHandle<(Unit, bool)>>,
+}
+
+impl Committer {
+    fn new(unit: Unit) -> Self {
+        Committer {
+            idle: Some(unit),
+            busy: None,
+        }
+    }
+
+    /// Waits for the commit in progress; false when it failed or stopped
+    /// (read again from the stream).
+    async fn settle(&mut self) -> bool {
+        let Some(h) = self.busy.take() else {
+            return true;
+        };
+        match h.await {
+            Ok((unit, ok)) => {
+                self.idle = Some(unit);
+                ok
+            }
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(e) => panic!("a unit's commit task was cancelled: {e}"),
+        }
+    }
+
+    /// Commits `batch` in the background; call after [`Committer::settle`].
+    fn start(&mut self, batch: Vec<jetstream::Message>, stop: &CancellationToken) {
+        let mut unit = self.idle.take().expect("settled before the next batch");
+        let stop = stop.clone();
+        self.busy = Some(tokio::spawn(async move {
+            let ok = unit.process(batch, &stop).await;
+            (unit, ok)
+        }));
+    }
+
+    /// Every commit, announcement and purge of the unit done.
+    async fn finish(&mut self) {
+        self.settle().await;
+        if let Some(unit) = self.idle.as_mut() {
+            unit.finish_trailing().await;
+        }
+    }
+}
+
+impl Drop for Committer {
+    /// A worker aborted (its lease lost) takes its commit in progress with it,
+    /// as when the commit ran in the worker itself.
+    fn drop(&mut self) {
+        if let Some(h) = self.busy.take() {
+            h.abort();
+        }
     }
 }
 
@@ -252,6 +322,25 @@ struct Unit {
     tref: TableRef,
     shared: Arc<Shared>,
     writer: Option<TableWriter>,
+    /// The last batch's announcement and purge, running while the next
+    /// batch is gathered and committed: the commit chain never waits on
+    /// the bus round trips. One at a time, so events and purges keep order.
+    trailing: Option<tokio::task::JoinHandle<()>>,
+}
+
+/// What goes out after a commit: the Bronze event, then the purge.
+struct AfterCommit {
+    announce: Option<Announcement>,
+    purge: BTreeMap<IngestSlot, u64>,
+    span: tracing::Span,
+}
+
+struct Announcement {
+    version: i64,
+    schema: arrow::datatypes::SchemaRef,
+    batch: arrow::array::RecordBatch,
+    links: Vec<String>,
+    span: tracing::Span,
 }
 
 impl Unit {
@@ -305,52 +394,52 @@ impl Unit {
             msgs.iter().filter_map(|(_, m)| m.traceparent.as_deref()),
             &span,
         );
-        async {
-            if !self.commit(&msgs, &links, stop).await {
-                return false;
-            }
-            failpoint::hit("ingest.before_purge");
-            self.purge(&msgs, stop).await
-        }
-        .instrument(span)
-        .await
-    }
-
-    /// The purge is the acknowledgement: each slot's messages up to the
-    /// batch are in Bronze.
-    async fn purge(&self, msgs: &[(IngestSlot, RawMessage)], stop: &CancellationToken) -> bool {
+        let event = match self
+            .commit(&msgs, &links, stop)
+            .instrument(span.clone())
+            .await
+        {
+            Some(a) => a,
+            None => return false,
+        };
         let mut last: BTreeMap<IngestSlot, u64> = BTreeMap::new();
-        for (slot, m) in msgs {
+        for (slot, m) in &msgs {
             let e = last.entry(*slot).or_default();
             *e = (*e).max(m.stream_seq);
         }
-        for (slot, seq) in last {
-            let subject = ingest_slot_subject(&self.u.domain, &self.u.product, slot);
-            loop {
-                match self
-                    .shared
-                    .stream
-                    .purge()
-                    .filter(subject.clone())
-                    .sequence(seq + 1)
-                    .await
-                {
-                    Ok(_) => break,
-                    Err(e) => {
-                        self.shared.problem(
-                            "nats",
-                            format!("cannot acknowledge (purge) the ingest stream: {e}"),
-                        );
-                        if stop.is_cancelled() {
-                            return false;
-                        }
-                        tokio::time::sleep(Duration::from_millis(500)).await;
-                    }
+        self.finish_trailing().await;
+        let after = AfterCommit {
+            announce: event,
+            purge: last,
+            span,
+        };
+        let (shared, u, tref, stop) = (
+            self.shared.clone(),
+            self.u.clone(),
+            self.tref.clone(),
+            stop.clone(),
+        );
+        self.trailing = Some(tokio::spawn(async move {
+            let span = after.span.clone();
+            async move {
+                if let Some(a) = after.announce {
+                    announce(&shared, &u, &tref, a).await;
                 }
+                failpoint::hit("ingest.before_purge");
+                purge(&shared, &u, &after.purge, &stop).await;
             }
-        }
-        self.shared.rt.health.clear_problem("nats");
+            .instrument(span)
+            .await
+        }));
         true
+    }
+
+    /// Waits for the last batch's announcement and purge (before the next
+    /// one goes out, and before the unit is let go: its purge is the ack).
+    async fn finish_trailing(&mut self) {
+        if let Some(t) = self.trailing.take() {
+            let _ = t.await;
+        }
     }
 
     async fn writer(&mut self) -> Result<&mut TableWriter, String> {
@@ -379,14 +468,15 @@ impl Unit {
     }
 
     /// Commits the messages not in Bronze yet, retrying until the lake
-    /// accepts them (or stop: then nothing is purged and the messages are
-    /// read again by whoever holds the unit next).
+    /// accepts them (or stop, `None`: then nothing is purged and the
+    /// messages are read again by whoever holds the unit next). Gives the
+    /// event to announce, if this call committed a version.
     async fn commit(
         &mut self,
         msgs: &[(IngestSlot, RawMessage)],
         links: &[String],
         stop: &CancellationToken,
-    ) -> bool {
+    ) -> Option<Option<Announcement>> {
         let product = self.u.product_name();
         let table = self.tref.sql_name();
         let in_bytes: usize = msgs.iter().map(|(_, m)| m.payload.len()).sum();
@@ -402,12 +492,12 @@ impl Unit {
         let mut attempt = 0u32;
         loop {
             if stop.is_cancelled() && attempt > 0 {
-                return false;
+                return None;
             }
             match self.try_commit(&product, msgs, links).await {
-                Ok(()) => {
+                Ok(announce) => {
                     self.shared.rt.health.clear_problem("lake");
-                    return true;
+                    return Some(announce);
                 }
                 Err(e) => {
                     attempt += 1;
@@ -422,7 +512,7 @@ impl Unit {
                     self.writer = None;
                     let delay = Duration::from_millis((100 * 2u64.pow(attempt.min(6))).min(5_000));
                     tokio::select! {
-                        _ = stop.cancelled() => return false,
+                        _ = stop.cancelled() => return None,
                         _ = tokio::time::sleep(delay) => {}
                     }
                 }
@@ -435,7 +525,7 @@ impl Unit {
         product: &str,
         msgs: &[(IngestSlot, RawMessage)],
         links: &[String],
-    ) -> Result<(), String> {
+    ) -> Result<Option<Announcement>, String> {
         let shared = self.shared.clone();
         let metrics = shared.metrics.clone();
         let unit = self.u.clone();
@@ -465,7 +555,7 @@ impl Unit {
                 .inc_by(skipped as u64);
         }
         if fresh.is_empty() {
-            return Ok(());
+            return Ok(None);
         }
         let mut txns: BTreeMap<IngestSlot, i64> = BTreeMap::new();
         for (slot, m) in msgs {
@@ -505,7 +595,7 @@ impl Unit {
             .map_err(|e| e.to_string())?;
         let version = match outcome {
             CommitOutcome::Committed(v) => v,
-            CommitOutcome::AlreadyCommitted(_) => return Ok(()),
+            CommitOutcome::AlreadyCommitted(_) => return Ok(None),
         };
         span.record("version", version);
         let committed_us = now_us();
@@ -524,58 +614,13 @@ impl Unit {
         metrics.batch_rows.observe(fresh.len() as f64);
         metrics.committed(&self.tref.sql_name(), version);
         failpoint::hit("ingest.after_commit");
-        self.announce(version, &schema, &batch, links)
-            .instrument(span)
-            .await;
-        Ok(())
-    }
-
-    /// Publishes the committed rows on the partition subject of the version.
-    /// A failure here loses nothing: transform reads any version it did not
-    /// hear about from the table.
-    async fn announce(
-        &self,
-        version: i64,
-        schema: &arrow::datatypes::SchemaRef,
-        batch: &arrow::array::RecordBatch,
-        links: &[String],
-    ) {
-        let partitions = self.partitions();
-        let commit = Commit {
-            table: &self.tref,
+        Ok(Some(Announcement {
             version,
-            operation: Operation::Append,
-            schema: schema.clone(),
-            batches: std::slice::from_ref(batch),
-            links,
-            partition: medallion_spec::version_partition(version, partitions),
-        };
-        let shared = &self.shared;
-        match publish_commit(
-            &shared.js,
-            commit,
-            medallion_bus::max_payload(&shared.client),
-        )
-        .await
-        {
-            Ok(parts) => shared
-                .metrics
-                .events_published
-                .with_label_values(&[LAYER])
-                .inc_by(parts as u64),
-            Err(e) => {
-                shared
-                    .metrics
-                    .errors
-                    .with_label_values(&["ingest", "publish"])
-                    .inc();
-                warn!(table = %self.tref, version, error = %e, "bronze event not published; transform will read the commit from the table");
-            }
-        }
-    }
-
-    fn partitions(&self) -> u32 {
-        self.shared.partitions(&self.u)
+            schema,
+            batch,
+            links: links.to_vec(),
+            span,
+        }))
     }
 }
 
@@ -589,6 +634,79 @@ impl Shared {
             .copied()
             .unwrap_or(1)
     }
+}
+
+/// Publishes the committed rows on the partition subject of the version.
+/// A failure here loses nothing: transform reads any version it did not
+/// hear about from the table.
+async fn announce(shared: &Shared, u: &UnitId, tref: &TableRef, a: Announcement) {
+    let commit = Commit {
+        table: tref,
+        version: a.version,
+        operation: Operation::Append,
+        schema: a.schema.clone(),
+        batches: std::slice::from_ref(&a.batch),
+        links: &a.links,
+        partition: medallion_spec::version_partition(a.version, shared.partitions(u)),
+    };
+    match publish_commit(
+        &shared.js,
+        commit,
+        medallion_bus::max_payload(&shared.client),
+    )
+    .instrument(a.span)
+    .await
+    {
+        Ok(parts) => shared
+            .metrics
+            .events_published
+            .with_label_values(&[LAYER])
+            .inc_by(parts as u64),
+        Err(e) => {
+            shared
+                .metrics
+                .errors
+                .with_label_values(&["ingest", "publish"])
+                .inc();
+            warn!(table = %tref, version = a.version, error = %e, "bronze event not published; transform will read the commit from the table");
+        }
+    }
+}
+
+/// The purge is the acknowledgement: each slot's messages up to `last` are
+/// in Bronze. Given up only at stop: the next holder reads them again and
+/// skips them.
+async fn purge(
+    shared: &Shared,
+    u: &UnitId,
+    last: &BTreeMap<IngestSlot, u64>,
+    stop: &CancellationToken,
+) {
+    for (slot, seq) in last {
+        let subject = ingest_slot_subject(&u.domain, &u.product, *slot);
+        loop {
+            match shared
+                .stream
+                .purge()
+                .filter(subject.clone())
+                .sequence(seq + 1)
+                .await
+            {
+                Ok(_) => break,
+                Err(e) => {
+                    shared.problem(
+                        "nats",
+                        format!("cannot acknowledge (purge) the ingest stream: {e}"),
+                    );
+                    if stop.is_cancelled() {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
+        }
+    }
+    shared.rt.health.clear_problem("nats");
 }
 
 fn header(h: Option<&HeaderMap>, name: &str) -> Option<String> {
@@ -622,16 +740,17 @@ async fn dead_letter(
     stop: &CancellationToken,
 ) -> Result<(), String> {
     use futures::StreamExt;
-    let consumer = shared
-        .stream
-        .create_consumer(OrderedConfig {
+    let mut messages = ordered_messages(
+        &shared.stream,
+        OrderedConfig {
             filter_subjects: subjects.clone(),
             deliver_policy: DeliverPolicy::All,
             ..Default::default()
-        })
-        .await
-        .map_err(|e| e.to_string())?;
-    let mut messages = consumer.messages().await.map_err(|e| e.to_string())?;
+        },
+        medallion_bus::max_payload(&shared.client),
+    )
+    .await
+    .map_err(|e| e.to_string())?;
     let mut last: BTreeMap<String, u64> = BTreeMap::new();
     loop {
         let m = match tokio::time::timeout(Duration::from_millis(500), messages.next()).await {
