@@ -223,6 +223,9 @@ impl Ingest {
             },
             Change::Lost(u) => {
                 if let Some(w) = self.workers.remove(&u) {
+                    // Stop first: whatever the abort does not reach (a task
+                    // the worker spawned) gives up instead of retrying.
+                    w.stop.cancel();
                     w.handle.abort();
                 }
                 self.releasing.remove(&u);

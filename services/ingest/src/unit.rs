@@ -191,7 +191,9 @@ pub(crate) async fn unit_worker(
                     return;
                 }
                 Batch::Idle => {
-                    if !unit.settle().await {
+                    // The last batch's purge too: its messages are still in
+                    // the stream until it lands.
+                    if !unit.finish().await {
                         break;
                     }
                     // Purged after every commit: messages still there while
@@ -256,12 +258,15 @@ impl Committer {
     }
 
     /// Waits for the commit in progress; false when it failed or stopped
-    /// (read again from the stream).
+    /// (read again from the stream). The handle stays in place while
+    /// awaited, so a worker aborted here still aborts the commit on drop.
     async fn settle(&mut self) -> bool {
-        let Some(h) = self.busy.take() else {
+        let Some(h) = self.busy.as_mut() else {
             return true;
         };
-        match h.await {
+        let done = h.await;
+        self.busy = None;
+        match done {
             Ok((unit, ok)) => {
                 self.idle = Some(unit);
                 ok
@@ -281,12 +286,14 @@ impl Committer {
         }));
     }
 
-    /// Every commit, announcement and purge of the unit done.
-    async fn finish(&mut self) {
-        self.settle().await;
+    /// Every commit, announcement and purge of the unit done; false as
+    /// for [`Committer::settle`].
+    async fn finish(&mut self) -> bool {
+        let ok = self.settle().await;
         if let Some(unit) = self.idle.as_mut() {
             unit.finish_trailing().await;
         }
+        ok
     }
 }
 
@@ -326,6 +333,17 @@ struct Unit {
     /// batch is gathered and committed: the commit chain never waits on
     /// the bus round trips. One at a time, so events and purges keep order.
     trailing: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for Unit {
+    /// A unit let go without [`Unit::finish_trailing`] (its worker aborted on
+    /// a lost lease) publishes nothing more: the next holder announces its
+    /// own versions, and re-reads and skips what was not purged.
+    fn drop(&mut self) {
+        if let Some(t) = self.trailing.take() {
+            t.abort();
+        }
+    }
 }
 
 /// What goes out after a commit: the Bronze event, then the purge.
@@ -437,8 +455,9 @@ impl Unit {
     /// Waits for the last batch's announcement and purge (before the next
     /// one goes out, and before the unit is let go: its purge is the ack).
     async fn finish_trailing(&mut self) {
-        if let Some(t) = self.trailing.take() {
+        if let Some(t) = self.trailing.as_mut() {
             let _ = t.await;
+            self.trailing = None;
         }
     }
 
@@ -492,6 +511,9 @@ impl Unit {
         let mut attempt = 0u32;
         loop {
             if stop.is_cancelled() && attempt > 0 {
+                return None;
+            }
+            if !self.shared.ownership.holds(&self.u) {
                 return None;
             }
             match self.try_commit(&product, msgs, links).await {
