@@ -45,6 +45,14 @@ def latency_quantiles(metrics_url, layer):
     return q(0.5), q(0.99)
 
 
+def last_write_at(path):
+    """Epoch seconds of a Delta table's last data commit, by its own log's
+    clock: exact where a poll is only as fine as its interval."""
+    import deltalake
+    t = deltalake.DeltaTable(path)
+    return max(h["timestamp"] for h in t.history() if h.get("operation") in ("WRITE", "MERGE", "CREATE TABLE")) / 1000
+
+
 def append_results(text):
     print(text)
     with open(DOCS, "a") as f:

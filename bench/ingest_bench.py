@@ -30,7 +30,7 @@ import deltalake
 
 import urllib.request
 
-from harness import cpu_seconds, free_port, latency_quantiles
+from harness import cpu_seconds, free_port, last_write_at, latency_quantiles
 
 
 def event(i):
@@ -92,11 +92,6 @@ def load(args, url, subject, events_file, n, per_message):
     return report["seconds"], report["started_at"]
 
 
-def last_write_at(lake, product):
-    """Epoch seconds of Bronze's last data commit (exact, unlike the poll)."""
-    t = deltalake.DeltaTable(os.path.join(lake, "bronze", "bench", product))
-    return max(h["timestamp"] for h in t.history() if h.get("operation") in ("WRITE", "CREATE TABLE")) / 1000
-
 
 async def run(args):
     tmp = tempfile.mkdtemp()
@@ -154,7 +149,7 @@ async def run(args):
                 if time.perf_counter() - start > 600:
                     raise SystemExit("ingest did not finish in 10 minutes")
                 await asyncio.sleep(0.02)
-            took = last_write_at(lake, product) - first_publish
+            took = last_write_at(os.path.join(lake, "bronze", "bench", product)) - first_publish
             ingest_cpu = cpu_seconds(ingest.pid) - ingest_cpu
             nats_cpu = cpu_seconds(server.pid) - nats_cpu
             got = bronze_rows(lake, product)

@@ -32,7 +32,7 @@ import deltalake
 import pyarrow
 import nats
 
-from harness import children_cpu, cpu_seconds, append_results, free_port, latency_quantiles, start_nats
+from harness import children_cpu, cpu_seconds, append_results, free_port, last_write_at, latency_quantiles, start_nats
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -45,13 +45,6 @@ def rows(lake, layer, table, column=None):
     if column is None:
         return sum(pyarrow.table(t.get_add_actions(flatten=True)).column("num_records").to_pylist())
     return int(sum(x for x in t.to_pyarrow_table(columns=[column]).column(column).to_pylist() if x))
-
-
-def last_write_at(lake, layer, table):
-    """Epoch seconds of the table's last data commit (its own log's clock):
-    exact where polling is only as fine as its interval."""
-    t = deltalake.DeltaTable(os.path.join(lake, layer, "bench", table))
-    return max(h["timestamp"] for h in t.history() if h.get("operation") in ("WRITE", "MERGE", "CREATE TABLE")) / 1000
 
 
 async def publish(js, subject, payloads, window=256):
@@ -175,7 +168,7 @@ async def run(args):
         # The polls above only notice; each layer was done at its last commit.
         for mark, layer, table in (("bronze", "bronze", "payments"), ("silver", "silver", "payments"),
                                    ("gold", "gold", "bench_revenue_by_country_hourly")):
-            marks[mark] = last_write_at(lake, layer, table) - t0_epoch
+            marks[mark] = last_write_at(os.path.join(lake, layer, "bench", table)) - t0_epoch
         for name, proc in zip(plat.addrs, plat.procs):
             cpu[name] = cpu_seconds(proc.pid) - before[name]
         assert rows(lake, "bronze", "payments") == len(payloads)

@@ -346,13 +346,6 @@ impl Drop for Unit {
     }
 }
 
-/// What goes out after a commit: the Bronze event, then the purge.
-struct AfterCommit {
-    announce: Option<Announcement>,
-    purge: BTreeMap<IngestSlot, u64>,
-    span: tracing::Span,
-}
-
 struct Announcement {
     version: i64,
     schema: arrow::datatypes::SchemaRef,
@@ -426,29 +419,23 @@ impl Unit {
             *e = (*e).max(m.stream_seq);
         }
         self.finish_trailing().await;
-        let after = AfterCommit {
-            announce: event,
-            purge: last,
-            span,
-        };
+        // What goes out after the commit: the Bronze event, then the purge.
         let (shared, u, tref, stop) = (
             self.shared.clone(),
             self.u.clone(),
             self.tref.clone(),
             stop.clone(),
         );
-        self.trailing = Some(tokio::spawn(async move {
-            let span = after.span.clone();
+        self.trailing = Some(tokio::spawn(
             async move {
-                if let Some(a) = after.announce {
+                if let Some(a) = event {
                     announce(&shared, &u, &tref, a).await;
                 }
                 failpoint::hit("ingest.before_purge");
-                purge(&shared, &u, &after.purge, &stop).await;
+                purge(&shared, &u, &last, &stop).await;
             }
-            .instrument(span)
-            .await
-        }));
+            .instrument(span),
+        ));
         true
     }
 
