@@ -182,10 +182,9 @@ impl Owners {
     }
 
     async fn from_store(js: &jetstream::Context, kv: kv::Store) -> Result<Owners, BusError> {
-        let stream = js
-            .get_stream(format!("KV_{OWNERS_BUCKET}"))
-            .await
-            .map_err(err)?;
+        // Right after an R3 bucket is placed its stream's info request can
+        // time out while the raft group elects a leader: wait as for streams.
+        let stream = crate::streams::open_stream(js, &format!("KV_{OWNERS_BUCKET}")).await?;
         Ok(Owners { kv, stream })
     }
 
