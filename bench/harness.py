@@ -45,6 +45,17 @@ def latency_quantiles(metrics_url, layer):
     return q(0.5), q(0.99)
 
 
+def committed(metrics_url, layer, product):
+    """Rows a service has committed to `layer` for `product` (its own
+    `medallion_rows_out_total`): a poll that costs the service one small
+    HTTP answer, where reading the table would compete with it for CPU."""
+    text = urllib.request.urlopen(metrics_url).read().decode()
+    for line in text.splitlines():
+        if line.startswith("medallion_rows_out_total") and f'layer="{layer}"' in line and f'product="{product}"' in line:
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
 def last_write_at(path):
     """Epoch seconds of a Delta table's last data commit, by its own log's
     clock: exact where a poll is only as fine as its interval."""

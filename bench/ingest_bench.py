@@ -28,9 +28,8 @@ import time
 import nats
 import deltalake
 
-import urllib.request
 
-from harness import cpu_seconds, free_port, last_write_at, latency_quantiles
+from harness import committed, cpu_seconds, free_port, last_write_at, latency_quantiles
 
 
 def event(i):
@@ -66,15 +65,6 @@ spec:
     - {{name: event_id, type: string, required: true}}
     - {{name: amount, type: float64}}
 """
-
-
-def bronze_committed(metrics_url, product):
-    """Messages ingest has committed to bench.<product>'s Bronze table (its own counter)."""
-    text = urllib.request.urlopen(metrics_url).read().decode()
-    for line in text.splitlines():
-        if line.startswith("medallion_rows_out_total") and 'layer="bronze"' in line and f'"bench.{product}"' in line:
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
 
 
 def bronze_rows(lake, product):
@@ -145,7 +135,7 @@ async def run(args):
             want = len(payloads)
             # ingest's own counter, polled often and cheaply: reading the
             # table here would take CPU from the process being measured.
-            while bronze_committed(metrics, product) < want:
+            while committed(metrics, "bronze", f"bench.{product}") < want:
                 if time.perf_counter() - start > 600:
                     raise SystemExit("ingest did not finish in 10 minutes")
                 await asyncio.sleep(0.02)
