@@ -31,6 +31,8 @@ struct SpanSeen {
     trace_id: String,
     links: Vec<String>,
     attributes: BTreeMap<String, String>,
+    /// Span events (logs inside the span): name and attributes.
+    events: Vec<(String, BTreeMap<String, String>)>,
 }
 
 #[derive(Clone, Default)]
@@ -66,6 +68,11 @@ impl Collector {
                         trace_id: hex(&s.trace_id),
                         links: s.links.iter().map(|l| hex(&l.trace_id)).collect(),
                         attributes: kv_map(&s.attributes),
+                        events: s
+                            .events
+                            .iter()
+                            .map(|e| (e.name.clone(), kv_map(&e.attributes)))
+                            .collect(),
                     });
                 }
             }
@@ -402,6 +409,25 @@ async fn one_trace_per_event_across_the_stages() {
             );
         }
     }
+
+    // Span events follow the log filter: a dependency's debug events (the
+    // Delta kernel formats whole expressions in some) are neither recorded
+    // nor paid for.
+    let foreign: Vec<_> = spans
+        .iter()
+        .flat_map(|s| s.events.iter().map(move |e| (&s.name, e)))
+        .filter(|(_, (_, a))| {
+            let target = a.get("target").map_or("", String::as_str);
+            let level = a.get("level").map_or("", String::as_str);
+            !target.starts_with("medallion") && !matches!(level, "WARN" | "ERROR")
+        })
+        .collect();
+    assert!(
+        foreign.is_empty(),
+        "{} dependency events below WARN recorded in spans, first {:?}",
+        foreign.len(),
+        &foreign[..foreign.len().min(3)]
+    );
 
     // /metrics parses, and its counters match what was sent.
     let m = &p.metrics;

@@ -15,7 +15,9 @@ use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use serde_json::{Map, Value};
 use tracing::field::{Field, Visit};
-use tracing::{Dispatch, Event, Subscriber, span};
+use tracing::subscriber::Interest;
+use tracing::{Dispatch, Event, Metadata, Subscriber, span};
+use tracing_subscriber::filter::LevelFilter;
 use tracing_subscriber::fmt::format::Writer;
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
 use tracing_subscriber::layer::{Context, SubscriberExt};
@@ -140,13 +142,9 @@ impl Telemetry {
         let otel = provider
             .as_ref()
             .map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer("medallion")));
-        // Only our own spans exist at all: dependency spans are noise in
-        // Jaeger. This is a global filter on purpose: as a per-layer filter
-        // on the OpenTelemetry layer, spans nested in our batch spans
-        // (`bronze.commit`, `gold.commit`) were created but never exported.
-        let only_our_spans = tracing_subscriber::filter::filter_fn(|m| {
-            !m.is_span() || m.target().starts_with("medallion")
-        });
+        let global = OurSpansLoggedEvents {
+            events: EnvFilter::new(with_quiet_dependencies(&settings.log_filter)),
+        };
         if let Some(p) = &provider {
             opentelemetry::global::set_tracer_provider(p.clone());
         }
@@ -156,7 +154,7 @@ impl Telemetry {
             tokio::spawn(warn_if_unreachable(endpoint));
         }
         let subscriber = tracing_subscriber::registry()
-            .with(only_our_spans)
+            .with(global)
             .with(otel)
             .with(SpanFieldsLayer)
             .with(fmt.with_filter(filter));
@@ -175,6 +173,70 @@ impl Telemetry {
             })
             .await;
         }
+    }
+}
+
+/// The global filter: only our own spans exist (dependency spans are noise
+/// in Jaeger), and only the events the log filter prints, so those are all a
+/// span records as its events. Global on purpose: as a per-layer filter on
+/// the OpenTelemetry layer, spans nested in our batch spans (`bronze.commit`,
+/// `gold.commit`) were created but never exported. Without the event half,
+/// every dependency's TRACE and DEBUG events were recorded into our spans
+/// (hundreds per commit from delta-rs, some formatting whole expressions):
+/// noise in Jaeger and CPU on the hot path.
+struct OurSpansLoggedEvents {
+    events: EnvFilter,
+}
+
+fn ours(m: &Metadata<'_>) -> bool {
+    m.target().starts_with("medallion")
+}
+
+impl<S> Layer<S> for OurSpansLoggedEvents
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+{
+    fn register_callsite(&self, m: &'static Metadata<'static>) -> Interest {
+        match (m.is_span(), ours(m)) {
+            (true, true) => Interest::always(),
+            (true, false) => Interest::never(),
+            (false, _) => Layer::<S>::register_callsite(&self.events, m),
+        }
+    }
+
+    fn enabled(&self, m: &Metadata<'_>, ctx: Context<'_, S>) -> bool {
+        if m.is_span() {
+            ours(m)
+        } else {
+            Layer::<S>::enabled(&self.events, m, ctx)
+        }
+    }
+
+    // Our spans are kept whatever their level.
+    fn max_level_hint(&self) -> Option<LevelFilter> {
+        None
+    }
+
+    // The log filter's span-scoped directives (`[span{field}]=debug`) need
+    // to see spans come and go.
+    fn on_new_span(&self, attrs: &span::Attributes<'_>, id: &span::Id, ctx: Context<'_, S>) {
+        self.events.on_new_span(attrs, id, ctx)
+    }
+
+    fn on_record(&self, id: &span::Id, values: &span::Record<'_>, ctx: Context<'_, S>) {
+        self.events.on_record(id, values, ctx)
+    }
+
+    fn on_enter(&self, id: &span::Id, ctx: Context<'_, S>) {
+        self.events.on_enter(id, ctx)
+    }
+
+    fn on_exit(&self, id: &span::Id, ctx: Context<'_, S>) {
+        self.events.on_exit(id, ctx)
+    }
+
+    fn on_close(&self, id: span::Id, ctx: Context<'_, S>) {
+        self.events.on_close(id, ctx)
     }
 }
 
