@@ -132,7 +132,11 @@ impl Telemetry {
     /// Installs the global subscriber and propagator. Call once, inside the tokio runtime.
     pub fn init(settings: &TelemetrySettings) -> Telemetry {
         opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
-        let filter = EnvFilter::new(with_quiet_dependencies(&settings.log_filter));
+        // One set of directives, two filters: the global one decides what
+        // exists (spans of ours, events the log prints), the log's own keeps
+        // its lines' span scope to the spans the log filter enables.
+        let directives = with_quiet_dependencies(&settings.log_filter);
+        let filter = EnvFilter::new(&directives);
         let fmt = tracing_subscriber::fmt::layer()
             .with_writer(std::io::stderr)
             .event_format(LineFormat {
@@ -143,7 +147,7 @@ impl Telemetry {
             .as_ref()
             .map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer("medallion")));
         let global = OurSpansLoggedEvents {
-            events: EnvFilter::new(with_quiet_dependencies(&settings.log_filter)),
+            events: EnvFilter::new(&directives),
         };
         if let Some(p) = &provider {
             opentelemetry::global::set_tracer_provider(p.clone());
