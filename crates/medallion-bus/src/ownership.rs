@@ -99,6 +99,42 @@ pub struct OwnersView {
     pub leases: Vec<(String, UnitId, LeaseRecord)>,
 }
 
+/// One change in a stage's part of the owners bucket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OwnersChange {
+    /// A replica announced itself (each heartbeat).
+    Member(String),
+    /// A replica left the stage (a graceful stop).
+    MemberLeft(String),
+    /// A unit's lease was taken or renewed.
+    Held(UnitId),
+    /// A unit's lease was given back.
+    Freed(UnitId),
+}
+
+impl OwnersChange {
+    fn of(e: &kv::Entry) -> Option<OwnersChange> {
+        let mut it = e.key.splitn(3, '.');
+        let (Some(_stage), Some(kind), Some(rest)) = (it.next(), it.next(), it.next()) else {
+            return None;
+        };
+        let put = e.operation == kv::Operation::Put;
+        match kind {
+            "member" if put => Some(OwnersChange::Member(rest.to_string())),
+            "member" => Some(OwnersChange::MemberLeft(rest.to_string())),
+            "unit" => {
+                let u = UnitId::parse_suffix(rest)?;
+                Some(if put {
+                    OwnersChange::Held(u)
+                } else {
+                    OwnersChange::Freed(u)
+                })
+            }
+            _ => None,
+        }
+    }
+}
+
 #[derive(Clone)]
 pub struct Owners {
     kv: kv::Store,
@@ -270,6 +306,21 @@ impl Owners {
             Err(e) if e.kind() == kv::DeleteErrorKind::WrongLastRevision => Ok(()),
             Err(e) => Err(err(e)),
         }
+    }
+
+    /// A stage's members and leases as they change, so a replica acts on
+    /// a join, a leave or a lease given back at once rather than at its next
+    /// renewal. Expiries are not reported (a killed replica's keys just age
+    /// out): the periodic listing finds those. Ends when the watch fails.
+    pub async fn watch(
+        &self,
+        stage: &str,
+    ) -> Result<futures::stream::BoxStream<'static, OwnersChange>, BusError> {
+        let watch = self.kv.watch(format!("{stage}.>")).await.map_err(err)?;
+        Ok(watch
+            .take_while(|e| std::future::ready(e.is_ok()))
+            .filter_map(|e| std::future::ready(e.ok().and_then(|e| OwnersChange::of(&e))))
+            .boxed())
     }
 
     /// Every stage's live members and held leases.

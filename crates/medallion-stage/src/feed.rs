@@ -6,9 +6,11 @@
 //! Fetches rather than a continuous pull: when a unit is handed over, its
 //! task finishes the fetch in hand and stops, so every message it received
 //! is processed and acked here — the next holder starts with no message
-//! waiting out an ack wait for redelivery.
+//! waiting out an ack wait for redelivery. A stopping unit's last messages
+//! jump the queue: on a busy replica the channel holds other units' work
+//! enough for many steps, and the handover would wait for all of it.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer::AckPolicy, consumer::pull};
@@ -27,11 +29,21 @@ const FETCH_BYTES: usize = 16 << 20;
 const FETCH_MESSAGES: usize = 200;
 /// How long one fetch waits for messages before the next is asked for.
 const FETCH_EXPIRES: Duration = Duration::from_secs(1);
+/// Items of the channel, as many as it holds.
+const CHANNEL: usize = 2 * FETCH_MESSAGES;
 
 enum Item {
     Message(UnitId, jetstream::Message),
     /// The unit's task stopped after a graceful stop; nothing more comes.
     Ended(UnitId),
+}
+
+impl Item {
+    fn unit(&self) -> &UnitId {
+        match self {
+            Item::Message(u, _) | Item::Ended(u) => u,
+        }
+    }
 }
 
 /// What [`Feeds::next`] gathered.
@@ -88,6 +100,14 @@ pub struct Feeds {
     tx: mpsc::Sender<Item>,
     rx: mpsc::Receiver<Item>,
     running: HashMap<UnitId, Running>,
+    /// Units asked to stop whose end has not been handed out yet.
+    stopping: HashSet<UnitId>,
+    /// Items read from the channel ahead of their turn, while looking for a
+    /// stopping unit's last ones: handed out before the channel's, in order.
+    early: VecDeque<Item>,
+    /// `early` may hold items of a unit that started stopping since it was
+    /// last searched.
+    search_early: bool,
     limits: BatchLimits,
     pending: FeedBatch,
     bytes: usize,
@@ -99,11 +119,14 @@ pub struct Feeds {
 
 impl Feeds {
     pub fn new(limits: BatchLimits) -> Self {
-        let (tx, rx) = mpsc::channel(2 * FETCH_MESSAGES);
+        let (tx, rx) = mpsc::channel(CHANNEL);
         Feeds {
             tx,
             rx,
             running: HashMap::new(),
+            stopping: HashSet::new(),
+            early: VecDeque::new(),
+            search_early: false,
             limits,
             pending: FeedBatch::default(),
             bytes: 0,
@@ -134,6 +157,8 @@ impl Feeds {
     pub fn stop(&mut self, unit: &UnitId) {
         if let Some(r) = self.running.get(unit) {
             r.stop.cancel();
+            self.stopping.insert(unit.clone());
+            self.search_early = true;
         }
     }
 
@@ -144,9 +169,19 @@ impl Feeds {
         if let Some(r) = self.running.remove(unit) {
             r.task.abort();
         }
+        self.stopping.remove(unit);
         let before = self.pending.messages.len();
         self.pending.messages.retain(|(u, _)| u != unit);
         self.left += (before - self.pending.messages.len()) as u64;
+        let left = &mut self.left;
+        self.early.retain(|i| match i {
+            Item::Message(u, _) if u == unit => {
+                *left += 1;
+                false
+            }
+            Item::Ended(u) => u != unit,
+            Item::Message(..) => true,
+        });
     }
 
     /// How many pulled messages were dropped unacked so far.
@@ -163,35 +198,86 @@ impl Feeds {
             if full || !self.pending.ended.is_empty() {
                 return Some(self.take());
             }
-            let item = match self.deadline {
-                None => tokio::select! {
-                    _ = shutdown.cancelled() => return None,
-                    i = self.rx.recv() => i,
-                },
-                Some(deadline) => match tokio::time::timeout_at(deadline, self.rx.recv()).await {
-                    Err(_) => return Some(self.take()),
-                    Ok(i) => i,
-                },
-            };
-            match item {
-                // The sender half lives in `self`: never closed.
-                None => return None,
-                Some(Item::Message(u, m)) => {
-                    // A message a killed feed sent before it was aborted.
-                    if !self.running.contains_key(&u) {
-                        self.left += 1;
-                        continue;
-                    }
-                    if self.deadline.is_none() {
-                        self.deadline = Some(Instant::now() + self.limits.wait);
-                    }
-                    self.bytes += m.payload.len();
-                    self.pending.messages.push((u, m));
+            if !self.stopping.is_empty() {
+                self.take_stopping_early();
+                if !self.pending.ended.is_empty() {
+                    continue;
                 }
-                Some(Item::Ended(u)) => {
-                    if self.running.remove(&u).is_some() {
-                        self.pending.ended.push(u);
+            }
+            let item = if let Some(i) = self.early.pop_front() {
+                i
+            } else {
+                let item = match self.deadline {
+                    None => tokio::select! {
+                        _ = shutdown.cancelled() => return None,
+                        i = self.rx.recv() => i,
+                    },
+                    Some(deadline) => {
+                        match tokio::time::timeout_at(deadline, self.rx.recv()).await {
+                            Err(_) => return Some(self.take()),
+                            Ok(i) => i,
+                        }
                     }
+                };
+                // The sender half lives in `self`: never closed.
+                item?
+            };
+            self.accept(item);
+        }
+    }
+
+    /// Moves the stopping units' items waiting in the channel (behind other
+    /// units' messages) into the batch, and sets the others aside in order.
+    fn take_stopping_early(&mut self) {
+        let searched = if self.search_early {
+            0
+        } else {
+            self.early.len()
+        };
+        self.search_early = false;
+        // Bounded: what is set aside is held in memory beside the channel.
+        while self.early.len() < CHANNEL {
+            match self.rx.try_recv() {
+                Ok(i) => self.early.push_back(i),
+                Err(_) => break,
+            }
+        }
+        if !self
+            .early
+            .range(searched..)
+            .any(|i| self.stopping.contains(i.unit()))
+        {
+            return;
+        }
+        let mut rest = VecDeque::with_capacity(self.early.len());
+        for (n, item) in std::mem::take(&mut self.early).into_iter().enumerate() {
+            if n >= searched && self.stopping.contains(item.unit()) {
+                self.accept(item);
+            } else {
+                rest.push_back(item);
+            }
+        }
+        self.early = rest;
+    }
+
+    fn accept(&mut self, item: Item) {
+        match item {
+            Item::Message(u, m) => {
+                // A message a killed feed sent before it was aborted.
+                if !self.running.contains_key(&u) {
+                    self.left += 1;
+                    return;
+                }
+                if self.deadline.is_none() {
+                    self.deadline = Some(Instant::now() + self.limits.wait);
+                }
+                self.bytes += m.payload.len();
+                self.pending.messages.push((u, m));
+            }
+            Item::Ended(u) => {
+                self.stopping.remove(&u);
+                if self.running.remove(&u).is_some() {
+                    self.pending.ended.push(u);
                 }
             }
         }

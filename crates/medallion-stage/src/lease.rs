@@ -13,7 +13,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use medallion_bus::ownership::{LeaseRecord, MemberRecord, Owners, UnitId, UnitStatus};
+use medallion_bus::ownership::{
+    LeaseRecord, MemberRecord, Owners, OwnersChange, UnitId, UnitStatus,
+};
 use medallion_runtime::prometheus::{IntCounterVec, IntGaugeVec, Opts, Registry};
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
@@ -295,6 +297,34 @@ impl Drop for Ownership {
     }
 }
 
+/// How long a cycle that a change calls for waits for more changes.
+const COALESCE: Duration = Duration::from_millis(50);
+
+async fn next_owners_change(
+    changes: &mut Option<futures::stream::BoxStream<'static, OwnersChange>>,
+) -> Option<OwnersChange> {
+    use futures::StreamExt;
+    match changes {
+        Some(c) => c.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// A change that may move units: a replica joins (its first heartbeat) or
+/// leaves, or a lease is given back (perhaps to this replica). Renewals and
+/// the heartbeats of known members change nothing.
+fn worth_a_cycle(c: &OwnersChange, members: &mut BTreeSet<String>) -> bool {
+    match c {
+        OwnersChange::Member(m) => members.insert(m.clone()),
+        OwnersChange::MemberLeft(m) => {
+            members.remove(m);
+            true
+        }
+        OwnersChange::Freed(_) => true,
+        OwnersChange::Held(_) => false,
+    }
+}
+
 struct Manager {
     owners: Owners,
     stage: &'static str,
@@ -312,12 +342,34 @@ impl Manager {
 
     async fn run(self, stop: CancellationToken) {
         let started = chrono::Utc::now().to_rfc3339();
-        loop {
-            self.cycle(&started).await;
-            tokio::select! {
-                _ = stop.cancelled() => break,
-                _ = tokio::time::sleep(self.period()) => {}
-                _ = self.shared.wake.notified() => {}
+        let mut changes = None;
+        let mut members = BTreeSet::new();
+        'cycles: loop {
+            if let Some(listed) = self.cycle(&started).await {
+                // The listing also drops members that expired unseen, so
+                // one that comes back under the same id counts as joining.
+                members = listed;
+            }
+            if changes.is_none() {
+                // Without it the stage still works, a period slower.
+                changes = self.owners.watch(self.stage).await.ok();
+            }
+            let mut next = tokio::time::Instant::now() + self.period();
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => break 'cycles,
+                    _ = tokio::time::sleep_until(next) => break,
+                    _ = self.shared.wake.notified() => break,
+                    c = next_owners_change(&mut changes) => match c {
+                        // Soon, not at once: a rebalance frees several
+                        // leases in a row, one cycle takes them all.
+                        Some(c) if worth_a_cycle(&c, &mut members) => {
+                            next = next.min(tokio::time::Instant::now() + COALESCE);
+                        }
+                        Some(_) => {}
+                        None => changes = None,
+                    },
+                }
             }
         }
         self.leave().await;
@@ -327,12 +379,13 @@ impl Manager {
         self.shared.state.lock().expect("not poisoned")
     }
 
-    async fn cycle(&self, started: &str) {
+    /// One renewal period's work; the stage's members, when listed.
+    async fn cycle(&self, started: &str) -> Option<BTreeSet<String>> {
         self.renew().await;
         self.hand_back().await;
         if self.state().leaving {
             let _ = self.owners.leave(self.stage, &self.lease.replica).await;
-            return;
+            return None;
         }
         let member = {
             let s = self.state();
@@ -353,13 +406,13 @@ impl Manager {
         };
         if let Err(e) = self.owners.heartbeat(self.stage, &member).await {
             warn!(stage = self.stage, error = %e, "cannot announce this replica; keeping the units it holds");
-            return;
+            return None;
         }
         let mut members: Vec<String> = match self.owners.members(self.stage).await {
             Ok(m) => m.into_iter().map(|m| m.replica).collect(),
             Err(e) => {
                 warn!(stage = self.stage, error = %e, "cannot list the replicas of the stage");
-                return;
+                return None;
             }
         };
         if !members.contains(&self.lease.replica) {
@@ -429,6 +482,7 @@ impl Manager {
                     .set(*b);
             }
         }
+        Some(members.into_iter().collect())
     }
 
     /// How long a renewal sent now keeps the lease ours, with a margin for
@@ -536,5 +590,39 @@ impl Manager {
             self.count(&u, false, "released");
         }
         let _ = self.owners.leave(self.stage, &self.lease.replica).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn joins_leaves_and_given_back_leases_wake_the_manager_and_renewals_do_not() {
+        let mut members = BTreeSet::from(["a".to_string()]);
+        let u = UnitId::new("d", "p", 0);
+        assert!(!worth_a_cycle(
+            &OwnersChange::Member("a".into()),
+            &mut members
+        ));
+        assert!(worth_a_cycle(
+            &OwnersChange::Member("b".into()),
+            &mut members
+        ));
+        assert!(!worth_a_cycle(
+            &OwnersChange::Member("b".into()),
+            &mut members
+        ));
+        assert!(!worth_a_cycle(&OwnersChange::Held(u.clone()), &mut members));
+        assert!(worth_a_cycle(&OwnersChange::Freed(u), &mut members));
+        assert!(worth_a_cycle(
+            &OwnersChange::MemberLeft("b".into()),
+            &mut members
+        ));
+        // Back under the same id after leaving: a join again.
+        assert!(worth_a_cycle(
+            &OwnersChange::Member("b".into()),
+            &mut members
+        ));
     }
 }

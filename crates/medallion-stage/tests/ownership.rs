@@ -192,6 +192,51 @@ async fn replicas_share_units_evenly_and_take_over_from_the_dead_and_the_departe
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_watch_reports_joins_leaves_and_leases_given_back() {
+    use futures::StreamExt;
+    use medallion_bus::ownership::{LeaseRecord, MemberRecord, OwnersChange};
+    let nats = NatsServer::start();
+    let o = owners(&nats.url()).await;
+    let mut changes = o.watch("transform").await.unwrap();
+    let u = UnitId::new("finance", "payments", 1);
+    let member = MemberRecord {
+        replica: "a".into(),
+        instance: "i".into(),
+        started_at: "now".into(),
+        units: vec![],
+        rebalances: 0,
+    };
+    let lease = LeaseRecord {
+        replica: "a".into(),
+        instance: "i".into(),
+        since: "now".into(),
+    };
+    o.heartbeat("transform", &member).await.unwrap();
+    // Another stage's keys are not this stage's business.
+    o.heartbeat("aggregate", &member).await.unwrap();
+    let rev = o.acquire("transform", &u, &lease).await.unwrap().unwrap();
+    o.release("transform", &u, rev).await.unwrap();
+    o.leave("transform", "a").await.unwrap();
+    let mut seen = Vec::new();
+    while seen.len() < 4 {
+        let c = tokio::time::timeout(Duration::from_secs(5), changes.next())
+            .await
+            .expect("a change within 5 s")
+            .expect("the watch goes on");
+        seen.push(c);
+    }
+    assert_eq!(
+        seen,
+        vec![
+            OwnersChange::Member("a".into()),
+            OwnersChange::Held(u.clone()),
+            OwnersChange::Freed(u),
+            OwnersChange::MemberLeft("a".into()),
+        ]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lease_is_refused_while_held_and_taken_once_it_expires() {
     let nats = NatsServer::start();
     let o = owners(&nats.url()).await;
