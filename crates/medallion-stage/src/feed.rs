@@ -6,11 +6,14 @@
 //! Fetches rather than a continuous pull: when a unit is handed over, its
 //! task finishes the fetch in hand and stops, so every message it received
 //! is processed and acked here — the next holder starts with no message
-//! waiting out an ack wait for redelivery. A stopping unit's last messages
-//! jump the queue: on a busy replica the channel holds other units' work
-//! enough for many steps, and the handover would wait for all of it.
+//! waiting out an ack wait for redelivery.
+//!
+//! Each unit has a channel of its own, read in turn, and a stopping unit's
+//! is read first: behind one shared channel, a handover on a busy replica
+//! waited for every other unit's queued messages to be processed first.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet};
+use std::task::Poll;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer::AckPolicy, consumer::pull};
@@ -18,7 +21,7 @@ use futures::StreamExt;
 use medallion_bus::BusError;
 use medallion_bus::batching::BatchLimits;
 use medallion_bus::ownership::UnitId;
-use tokio::sync::mpsc;
+use tokio::sync::mpsc::{self, error::TryRecvError};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
@@ -29,21 +32,14 @@ const FETCH_BYTES: usize = 16 << 20;
 const FETCH_MESSAGES: usize = 200;
 /// How long one fetch waits for messages before the next is asked for.
 const FETCH_EXPIRES: Duration = Duration::from_secs(1);
-/// Items of the channel, as many as it holds.
-const CHANNEL: usize = 2 * FETCH_MESSAGES;
+/// Messages a unit's task may have handed over but not yet taken (the rest
+/// of its fetch waits in the client).
+const UNIT_CHANNEL: usize = 64;
 
 enum Item {
-    Message(UnitId, jetstream::Message),
+    Message(jetstream::Message),
     /// The unit's task stopped after a graceful stop; nothing more comes.
-    Ended(UnitId),
-}
-
-impl Item {
-    fn unit(&self) -> &UnitId {
-        match self {
-            Item::Message(u, _) | Item::Ended(u) => u,
-        }
-    }
+    Ended,
 }
 
 /// What [`Feeds::next`] gathered.
@@ -58,6 +54,7 @@ pub struct FeedBatch {
 struct Running {
     stop: CancellationToken,
     task: tokio::task::JoinHandle<()>,
+    rx: mpsc::Receiver<Item>,
 }
 
 /// The durable consumer of one unit: `<durable_prefix>-<domain>-<product>-<partition>`
@@ -97,17 +94,11 @@ pub async fn unit_consumer(
 }
 
 pub struct Feeds {
-    tx: mpsc::Sender<Item>,
-    rx: mpsc::Receiver<Item>,
-    running: HashMap<UnitId, Running>,
+    running: BTreeMap<UnitId, Running>,
     /// Units asked to stop whose end has not been handed out yet.
-    stopping: HashSet<UnitId>,
-    /// Items read from the channel ahead of their turn, while looking for a
-    /// stopping unit's last ones: handed out before the channel's, in order.
-    early: VecDeque<Item>,
-    /// `early` may hold items of a unit that started stopping since it was
-    /// last searched.
-    search_early: bool,
+    stopping: BTreeSet<UnitId>,
+    /// Where the next wait starts reading the units, so each gets its turn.
+    turn: usize,
     limits: BatchLimits,
     pending: FeedBatch,
     bytes: usize,
@@ -119,14 +110,10 @@ pub struct Feeds {
 
 impl Feeds {
     pub fn new(limits: BatchLimits) -> Self {
-        let (tx, rx) = mpsc::channel(CHANNEL);
         Feeds {
-            tx,
-            rx,
-            running: HashMap::new(),
-            stopping: HashSet::new(),
-            early: VecDeque::new(),
-            search_early: false,
+            running: BTreeMap::new(),
+            stopping: BTreeSet::new(),
+            turn: 0,
             limits,
             pending: FeedBatch::default(),
             bytes: 0,
@@ -143,13 +130,9 @@ impl Feeds {
     pub fn start(&mut self, unit: UnitId, consumer: jetstream::consumer::Consumer<pull::Config>) {
         self.kill(&unit);
         let stop = CancellationToken::new();
-        let task = tokio::spawn(pull_unit(
-            unit.clone(),
-            consumer,
-            self.tx.clone(),
-            stop.clone(),
-        ));
-        self.running.insert(unit, Running { stop, task });
+        let (tx, rx) = mpsc::channel(UNIT_CHANNEL);
+        let task = tokio::spawn(pull_unit(unit.clone(), consumer, tx, stop.clone()));
+        self.running.insert(unit, Running { stop, task, rx });
     }
 
     /// Asks a unit's feed to stop after the fetch in hand; [`FeedBatch::ended`]
@@ -158,7 +141,6 @@ impl Feeds {
         if let Some(r) = self.running.get(unit) {
             r.stop.cancel();
             self.stopping.insert(unit.clone());
-            self.search_early = true;
         }
     }
 
@@ -166,22 +148,18 @@ impl Feeds {
     /// handed out yet (the lease is lost: the messages are redelivered to
     /// whoever holds it now).
     pub fn kill(&mut self, unit: &UnitId) {
-        if let Some(r) = self.running.remove(unit) {
+        if let Some(mut r) = self.running.remove(unit) {
             r.task.abort();
+            while let Ok(item) = r.rx.try_recv() {
+                if let Item::Message(_) = item {
+                    self.left += 1;
+                }
+            }
         }
         self.stopping.remove(unit);
         let before = self.pending.messages.len();
         self.pending.messages.retain(|(u, _)| u != unit);
         self.left += (before - self.pending.messages.len()) as u64;
-        let left = &mut self.left;
-        self.early.retain(|i| match i {
-            Item::Message(u, _) if u == unit => {
-                *left += 1;
-                false
-            }
-            Item::Ended(u) => u != unit,
-            Item::Message(..) => true,
-        });
     }
 
     /// How many pulled messages were dropped unacked so far.
@@ -198,86 +176,94 @@ impl Feeds {
             if full || !self.pending.ended.is_empty() {
                 return Some(self.take());
             }
-            if !self.stopping.is_empty() {
-                self.take_stopping_early();
-                if !self.pending.ended.is_empty() {
-                    continue;
-                }
+            if self.take_stopping() {
+                continue;
             }
-            let item = if let Some(i) = self.early.pop_front() {
-                i
-            } else {
-                let item = match self.deadline {
-                    None => tokio::select! {
-                        _ = shutdown.cancelled() => return None,
-                        i = self.rx.recv() => i,
-                    },
-                    Some(deadline) => {
-                        match tokio::time::timeout_at(deadline, self.rx.recv()).await {
-                            Err(_) => return Some(self.take()),
-                            Ok(i) => i,
-                        }
-                    }
-                };
-                // The sender half lives in `self`: never closed.
-                item?
+            let (unit, item) = match self.deadline {
+                None => tokio::select! {
+                    _ = shutdown.cancelled() => return None,
+                    got = self.recv_any() => got,
+                },
+                Some(deadline) => match tokio::time::timeout_at(deadline, self.recv_any()).await {
+                    Err(_) => return Some(self.take()),
+                    Ok(got) => got,
+                },
             };
-            self.accept(item);
+            self.accept(&unit, item);
         }
     }
 
-    /// Moves the stopping units' items waiting in the channel (behind other
-    /// units' messages) into the batch, and sets the others aside in order.
-    fn take_stopping_early(&mut self) {
-        let searched = if self.search_early {
-            0
-        } else {
-            self.early.len()
-        };
-        self.search_early = false;
-        // Bounded: what is set aside is held in memory beside the channel.
-        while self.early.len() < CHANNEL {
-            match self.rx.try_recv() {
-                Ok(i) => self.early.push_back(i),
-                Err(_) => break,
-            }
-        }
-        if !self
-            .early
-            .range(searched..)
-            .any(|i| self.stopping.contains(i.unit()))
-        {
-            return;
-        }
-        let mut rest = VecDeque::with_capacity(self.early.len());
-        for (n, item) in std::mem::take(&mut self.early).into_iter().enumerate() {
-            if n >= searched && self.stopping.contains(item.unit()) {
-                self.accept(item);
-            } else {
-                rest.push_back(item);
-            }
-        }
-        self.early = rest;
-    }
-
-    fn accept(&mut self, item: Item) {
-        match item {
-            Item::Message(u, m) => {
-                // A message a killed feed sent before it was aborted.
-                if !self.running.contains_key(&u) {
-                    self.left += 1;
-                    return;
+    /// Takes what the stopping units' tasks have sent; whether there was any.
+    fn take_stopping(&mut self) -> bool {
+        let mut any = false;
+        for u in self.stopping.clone() {
+            loop {
+                let Some(r) = self.running.get_mut(&u) else {
+                    self.stopping.remove(&u);
+                    break;
+                };
+                match r.rx.try_recv() {
+                    Ok(item) => self.accept(&u, Some(item)),
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => self.accept(&u, None),
                 }
+                any = true;
+            }
+        }
+        any
+    }
+
+    /// The next item of any unit, each unit in turn. Pending while no unit
+    /// runs: a unit is only started between calls of [`Feeds::next`].
+    async fn recv_any(&mut self) -> (UnitId, Option<Item>) {
+        std::future::poll_fn(|cx| {
+            let n = self.running.len();
+            if n == 0 {
+                return Poll::Pending;
+            }
+            let first = self.turn % n;
+            let order = self.running.iter_mut().skip(first);
+            let mut got = None;
+            for (u, r) in order {
+                if let Poll::Ready(item) = r.rx.poll_recv(cx) {
+                    got = Some((u.clone(), item));
+                    break;
+                }
+            }
+            if got.is_none() {
+                for (u, r) in self.running.iter_mut().take(first) {
+                    if let Poll::Ready(item) = r.rx.poll_recv(cx) {
+                        got = Some((u.clone(), item));
+                        break;
+                    }
+                }
+            }
+            match got {
+                Some(got) => {
+                    self.turn = self.turn.wrapping_add(1);
+                    Poll::Ready(got)
+                }
+                None => Poll::Pending,
+            }
+        })
+        .await
+    }
+
+    /// `None`: the unit's task is gone without saying so (it panicked); its
+    /// feed counts as ended, so a handover does not wait for it forever.
+    fn accept(&mut self, u: &UnitId, item: Option<Item>) {
+        match item {
+            Some(Item::Message(m)) => {
                 if self.deadline.is_none() {
                     self.deadline = Some(Instant::now() + self.limits.wait);
                 }
                 self.bytes += m.payload.len();
-                self.pending.messages.push((u, m));
+                self.pending.messages.push((u.clone(), m));
             }
-            Item::Ended(u) => {
-                self.stopping.remove(&u);
-                if self.running.remove(&u).is_some() {
-                    self.pending.ended.push(u);
+            Some(Item::Ended) | None => {
+                self.stopping.remove(u);
+                if self.running.remove(u).is_some() {
+                    self.pending.ended.push(u.clone());
                 }
             }
         }
@@ -331,7 +317,7 @@ async fn pull_unit(
         while let Some(m) = batch.next().await {
             match m {
                 Ok(m) => {
-                    if tx.send(Item::Message(unit.clone(), m)).await.is_err() {
+                    if tx.send(Item::Message(m)).await.is_err() {
                         return;
                     }
                 }
@@ -344,5 +330,5 @@ async fn pull_unit(
             }
         }
     }
-    let _ = tx.send(Item::Ended(unit)).await;
+    let _ = tx.send(Item::Ended).await;
 }

@@ -83,12 +83,13 @@ async fn a_stopping_unit_ends_ahead_of_the_other_units_backlog() {
             break;
         }
     }
+    eprintln!("the stopping unit ended after {busy_out} messages of the busy one");
     assert_eq!(
         leaving_out, LEAVING,
         "every message it pulled, before its end"
     );
-    // Behind the channel (400 messages) its end would come after at least
-    // that many of the busy unit's.
+    // Behind one channel shared by the units, its end came after the 400
+    // busy messages queued ahead of it.
     assert!(
         busy_out < 200,
         "the stopping unit waited for {busy_out} messages of another unit"
