@@ -234,6 +234,29 @@ fn units_of(stage: usize) -> usize {
     (PRODUCTS - 1) + HOT_PARTITIONS as usize + usize::from(stage == 0)
 }
 
+/// Waits until the holders of `stage`'s units (unit → replica) are `done`;
+/// how long that took.
+async fn until_holders(
+    js: &async_nats::jetstream::Context,
+    stage: usize,
+    not_yet: &str,
+    done: impl Fn(&BTreeMap<String, String>) -> bool,
+) -> Duration {
+    let t0 = Instant::now();
+    loop {
+        let h = holders(js, stage).await;
+        if done(&h) {
+            return t0.elapsed();
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "{} units {not_yet}: {h:?}",
+            STAGES[stage].0
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Waits until every unit of `stage` is held by one of `live`, however
 /// unevenly; how long that took.
 async fn held_by_live(
@@ -241,19 +264,11 @@ async fn held_by_live(
     stage: usize,
     live: &[String],
 ) -> Duration {
-    let t0 = Instant::now();
-    loop {
-        let h = holders(js, stage).await;
-        if h.len() == units_of(stage) && h.values().all(|r| live.contains(r)) {
-            return t0.elapsed();
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(60),
-            "{} units without a live holder among {live:?}: {h:?}",
-            STAGES[stage].0
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let not_yet = format!("without a live holder among {live:?}");
+    until_holders(js, stage, &not_yet, |h| {
+        h.len() == units_of(stage) && h.values().all(|r| live.contains(r))
+    })
+    .await
 }
 
 /// Waits until every unit of `stage` is held by one of `live` and their loads
@@ -263,9 +278,8 @@ async fn rebalanced(
     stage: usize,
     live: &[String],
 ) -> Duration {
-    let t0 = Instant::now();
-    loop {
-        let h = holders(js, stage).await;
+    let not_yet = format!("not rebalanced over {live:?}");
+    until_holders(js, stage, &not_yet, |h| {
         let mut load: BTreeMap<&str, usize> = live.iter().map(|l| (l.as_str(), 0)).collect();
         let mut all_live = h.len() == units_of(stage);
         for r in h.values() {
@@ -278,16 +292,9 @@ async fn rebalanced(
             load.values().min().copied().unwrap_or(0),
             load.values().max().copied().unwrap_or(0),
         );
-        if all_live && max - min <= 1 {
-            return t0.elapsed();
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(60),
-            "{} units not rebalanced over {live:?}: {h:?}",
-            STAGES[stage].0
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        all_live && max - min <= 1
+    })
+    .await
 }
 
 /// The tests of this file run one at a time: each runs up to nine replicas
