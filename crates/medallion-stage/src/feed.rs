@@ -222,22 +222,8 @@ impl Feeds {
                 return Poll::Pending;
             }
             let first = self.turn % n;
-            let order = self.running.iter_mut().skip(first);
-            let mut got = None;
-            for (u, r) in order {
-                if let Poll::Ready(item) = r.rx.poll_recv(cx) {
-                    got = Some((u.clone(), item));
-                    break;
-                }
-            }
-            if got.is_none() {
-                for (u, r) in self.running.iter_mut().take(first) {
-                    if let Poll::Ready(item) = r.rx.poll_recv(cx) {
-                        got = Some((u.clone(), item));
-                        break;
-                    }
-                }
-            }
+            let got = first_ready(self.running.iter_mut().skip(first), cx)
+                .or_else(|| first_ready(self.running.iter_mut().take(first), cx));
             match got {
                 Some(got) => {
                     self.turn = self.turn.wrapping_add(1);
@@ -282,6 +268,18 @@ impl Feeds {
             self.kill(&u);
         }
     }
+}
+
+/// The first of `units` with an item ready (each one polled, so each will
+/// wake the task when it has one).
+fn first_ready<'a>(
+    mut units: impl Iterator<Item = (&'a UnitId, &'a mut Running)>,
+    cx: &mut std::task::Context<'_>,
+) -> Option<(UnitId, Option<Item>)> {
+    units.find_map(|(u, r)| match r.rx.poll_recv(cx) {
+        Poll::Ready(item) => Some((u.clone(), item)),
+        Poll::Pending => None,
+    })
 }
 
 async fn pull_unit(
