@@ -13,7 +13,7 @@ use std::sync::Arc;
 use arrow::array::RecordBatch;
 use arrow::datatypes::{Schema, SchemaRef};
 use deltalake::kernel::engine::arrow_conversion::{TryIntoArrow, TryIntoKernel};
-use deltalake::kernel::transaction::{CommitBuilder, CommitProperties};
+use deltalake::kernel::transaction::{CommitBuilder, CommitProperties, TransactionError};
 use deltalake::kernel::{Action, MetadataExt as _, Remove, StructType, Transaction};
 use deltalake::parquet::basic::{Compression, ZstdLevel};
 use deltalake::parquet::file::properties::WriterProperties;
@@ -23,8 +23,26 @@ use deltalake::writer::{DeltaWriter, RecordBatchWriter};
 use deltalake::{DeltaTable, DeltaTableBuilder, DeltaTableError};
 use futures::TryStreamExt;
 use medallion_spec::TableRef;
+use tracing::warn;
 
 use crate::{Lake, LakeError};
+
+/// How long an append keeps trying while other writers win every race for
+/// the next version. Appends never conflict with one another (the conflict
+/// check still refuses one whose transaction another writer advanced, at
+/// once), so losing races is no reason to give up: up to `MAX_PARTITIONS`
+/// ingest units append to one Bronze table, and delta-rs' 15 attempts ran out
+/// under that load — the unit then rewrote its data files and went not-ready
+/// until its retry landed. Each round starts again from the writer's snapshot,
+/// so every commit that landed meanwhile is checked against this one.
+const APPEND_PATIENCE: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// A pause between rounds, random so writers that keep colliding spread out.
+fn race_pause(round: u32) -> std::time::Duration {
+    let cap_ms = (10u64 << round.min(6)).min(500);
+    let jitter = (uuid::Uuid::new_v4().as_u128() % u128::from(cap_ms)) as u64;
+    std::time::Duration::from_millis(cap_ms / 2 + jitter / 2)
+}
 
 /// How a commit changes the table.
 #[derive(Debug, Clone)]
@@ -451,6 +469,7 @@ impl TableWriter {
                 actions.push(Action::Add(add));
             }
         }
+        let append = matches!(mode, WriteMode::Append);
         let save_mode = match mode {
             WriteMode::Append => SaveMode::Append,
             WriteMode::Overwrite => {
@@ -504,11 +523,24 @@ impl TableWriter {
                     .collect::<Vec<_>>(),
             )
             .with_metadata(app_metadata);
-        let finalized = CommitBuilder::from(properties)
-            .with_actions(actions)
-            .build(Some(snapshot), self.table.log_store(), operation)
-            .await
-            .map_err(delta)?;
+        let started = std::time::Instant::now();
+        let mut round = 0u32;
+        let finalized = loop {
+            let attempt = CommitBuilder::from(properties.clone())
+                .with_actions(actions.clone())
+                .build(Some(snapshot), self.table.log_store(), operation.clone())
+                .await;
+            match attempt {
+                Err(DeltaTableError::Transaction {
+                    source: TransactionError::MaxCommitAttempts(_),
+                }) if append && started.elapsed() < APPEND_PATIENCE => {
+                    round += 1;
+                    warn!(table = %tref, round, "append lost every race for a version; trying again");
+                    tokio::time::sleep(race_pause(round)).await;
+                }
+                other => break other.map_err(delta)?,
+            }
+        };
         let version = finalized.version();
         self.table.state = Some(finalized.snapshot());
         if let Some((arrow, _)) = evolve_to {
