@@ -97,12 +97,16 @@ impl TelemetrySettings {
 /// unless the operator asks for them by name. The Delta writer warns on every
 /// file that it skips statistics for binary columns (every Bronze file), and
 /// the kernel logs "table not found" as an ERROR before returning it as a
-/// value we handle: those two only at ERROR / off.
+/// value we handle: those two only at ERROR / off. Its commit loop logs
+/// "exceeded maximum commit attempts" as an ERROR for an append that lost
+/// every race, which our writer then tries again; a commit that does fail is
+/// returned to us and logged by the stage, so that module is off.
 fn with_quiet_dependencies(filter: &str) -> String {
     let mut f = filter.to_string();
     for (noisy, level) in [
         ("deltalake", "warn"),
         ("deltalake_core", "error"),
+        ("deltalake_core::kernel::transaction", "off"),
         ("datafusion", "warn"),
         ("async_nats", "warn"),
         ("h2", "warn"),
@@ -454,5 +458,10 @@ mod tests {
         assert!(with_quiet_dependencies("info").contains("deltalake=warn"));
         assert!(with_quiet_dependencies("info").contains("buoyant_kernel=off"));
         assert!(!with_quiet_dependencies("info,deltalake=debug").contains("deltalake=warn"));
+        assert!(
+            with_quiet_dependencies("info").contains("deltalake_core::kernel::transaction=off")
+        );
+        let asked = with_quiet_dependencies("info,deltalake_core::kernel::transaction=debug");
+        assert!(!asked.contains("transaction=off"), "{asked}");
     }
 }
