@@ -28,14 +28,16 @@ use tracing::warn;
 use crate::{Lake, LakeError};
 
 /// How long an append keeps trying while other writers win every race for
-/// the next version. Appends never conflict with one another (the conflict
-/// check still refuses one whose transaction another writer advanced, at
-/// once), so losing races is no reason to give up: up to `MAX_PARTITIONS`
-/// ingest units append to one Bronze table, and delta-rs' 15 attempts ran out
-/// under that load — the unit then rewrote its data files and went not-ready
-/// until its retry landed. Each round starts again from the writer's snapshot,
-/// so every commit that landed meanwhile is checked against this one.
-const APPEND_PATIENCE: std::time::Duration = std::time::Duration::from_secs(60);
+/// the next version. Blind appends (no schema change) do not conflict with
+/// one another, and the conflict check still refuses one whose transaction
+/// another writer advanced, so losing races is no reason to give up: up to
+/// `MAX_PARTITIONS` ingest units append to one Bronze table, and delta-rs'
+/// 16 attempts ran out under that load — the unit then rewrote its data
+/// files and went not-ready until its retry landed. Each round starts again
+/// from the writer's snapshot, so every commit that landed meanwhile is
+/// checked against this one. Short enough that a stage stopping mid-commit
+/// still drains within a pod's grace period.
+const APPEND_PATIENCE: std::time::Duration = std::time::Duration::from_secs(20);
 
 /// A pause between rounds, random so writers that keep colliding spread out.
 fn race_pause(round: u32) -> std::time::Duration {
@@ -538,7 +540,19 @@ impl TableWriter {
                     warn!(table = %tref, round, "append lost every race for a version; trying again");
                     tokio::time::sleep(race_pause(round)).await;
                 }
-                other => break other.map_err(delta)?,
+                Err(e) => {
+                    if round > 0 {
+                        warn!(
+                            table = %tref,
+                            rounds = round,
+                            seconds = started.elapsed().as_secs_f64(),
+                            error = %e,
+                            "append failed after losing races for a version"
+                        );
+                    }
+                    return Err(delta(e));
+                }
+                Ok(done) => break done,
             }
         };
         let version = finalized.version();

@@ -118,11 +118,29 @@ fn with_quiet_dependencies(filter: &str) -> String {
         ("opentelemetry_sdk", "off"),
         ("opentelemetry_otlp", "off"),
     ] {
-        if !filter.contains(noisy) {
+        if !names(filter, noisy) {
             f.push_str(&format!(",{noisy}={level}"));
         }
     }
     f
+}
+
+/// Whether the operator's filter has a directive for `target` or a module
+/// above it (`deltalake_core=debug` covers `deltalake_core::kernel`), so our
+/// default for it must not override theirs.
+fn names(filter: &str, target: &str) -> bool {
+    filter.split(',').any(|directive| {
+        let named = directive
+            .split(['=', '['])
+            .next()
+            .unwrap_or_default()
+            .trim();
+        !named.is_empty()
+            && (target == named
+                || target
+                    .strip_prefix(named)
+                    .is_some_and(|rest| rest.starts_with("::")))
+    })
 }
 
 /// Keeps the tracer provider alive; flush it with [`Telemetry::shutdown`].
@@ -463,5 +481,10 @@ mod tests {
         );
         let asked = with_quiet_dependencies("info,deltalake_core::kernel::transaction=debug");
         assert!(!asked.contains("transaction=off"), "{asked}");
+        assert!(asked.contains("deltalake_core=error"), "{asked}");
+        let whole = with_quiet_dependencies("info,deltalake_core=debug");
+        assert!(!whole.contains("transaction=off"), "{whole}");
+        assert!(!whole.contains("deltalake_core=error"), "{whole}");
+        assert!(whole.contains("deltalake=warn"), "{whole}");
     }
 }
