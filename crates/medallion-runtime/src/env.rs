@@ -71,7 +71,7 @@ vars! {
     "MEDALLION_STREAM_BYTE_LIMIT", Some("17179869184"), "catalog", "Most bytes (Arrow, in memory) one Postgres wire or Flight SQL answer may stream; past it the query fails with a message";
     "MEDALLION_QUERY_CONCURRENCY", Some("8"), "catalog", "Queries one role may run at once over any protocol; one more is refused with a message";
     "MEDALLION_KUBE_CONTROLLER", Some("false"), "catalog", "Watch DataProduct custom resources (in a cluster)";
-    "MEDALLION_LOG", Some("info"), "all", "Log filter (tracing EnvFilter syntax)";
+    "MEDALLION_LOG", Some("info"), "all", "Log filter (tracing EnvFilter syntax). Dependencies (Delta Lake, DataFusion, the NATS and HTTP clients, the trace exporter) log only warnings and errors, some nothing, unless a directive names them: `info,deltalake_core=debug` brings Delta's back";
     "MEDALLION_LOG_FORMAT", Some("auto"), "all", "json, text, or auto (text on a terminal)";
     "MEDALLION_FAIL_POINTS", None, "all", "Test-only fault injection (see e2e/)";
     "MEDALLION_NATS_SERVER", Some("nats-server"), "tests", "nats-server binary the tests start";
